@@ -1,0 +1,54 @@
+/* Asynchronous host I/O. A vd_io is submitted to a loop (loop.h), which
+ * hands it to the backend's own submit or to the loop's engine: io_uring,
+ * libaio or a thread pool. Completion runs io->done on that loop's thread. */
+#ifndef VDISK_ENGINE_H
+#define VDISK_ENGINE_H
+
+#include <stdint.h>
+#include <sys/uio.h>
+#include "file.h"
+
+enum vd_io_op { VD_IO_READ, VD_IO_WRITE, VD_IO_SYNC };
+
+struct vd_io {
+    enum vd_io_op op;
+    struct vd_file *file;
+    uint64_t off;
+    struct iovec *iov;
+    int iovcnt;
+    /* res: 0 when the whole transfer was done (short transfers are resumed
+     * by the engine; reads past EOF are zero-filled), else -errno. */
+    void (*done)(struct vd_io *io, int res);
+    void *opaque;
+    /* engine-private */
+    struct vd_loop *loop;
+    uint64_t xfer;          /* bytes done so far */
+    struct iovec *cur_iov;  /* resume point for short transfers */
+    int cur_iovcnt;
+    struct iovec cur_first;
+    struct vd_io *next;
+};
+
+struct vd_engine;
+struct vd_engine_ops {
+    const char *name;
+    int  (*init)(struct vd_engine **out, unsigned depth);
+    void (*fini)(struct vd_engine *e);
+    /* fd that becomes readable when completions are ready */
+    int  (*event_fd)(struct vd_engine *e);
+    void (*submit)(struct vd_engine *e, struct vd_io *io);
+    /* push out queued submissions (called once per loop iteration) */
+    void (*flush)(struct vd_engine *e);
+    /* reap completions; calls io->done for each; returns how many */
+    int  (*reap)(struct vd_engine *e);
+};
+
+extern const struct vd_engine_ops vd_engine_io_uring, vd_engine_aio, vd_engine_threads;
+
+/* The engine for aio=…: the requested one, or the next that works here
+ * (io_uring → native → threads) when VD_AIO_DEFAULT. */
+const struct vd_engine_ops *vd_engine_pick(enum vd_aio aio);
+int vd_aio_parse(const char *s, enum vd_aio *out);     /* "io_uring" | "native" | "threads" */
+int vd_cache_parse(const char *s, enum vd_cache *out); /* "none" | "writeback" (also "directsync"→none) */
+
+#endif

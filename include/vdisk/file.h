@@ -1,0 +1,81 @@
+/* Host storage under a format: a local file (or block device), or a
+ * protocol backend (NBD, RBD) behind the same calls. Synchronous calls are
+ * for metadata and slow paths; data I/O goes through vd_io (engine.h). */
+#ifndef VDISK_FILE_H
+#define VDISK_FILE_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <pthread.h>
+#include <sys/uio.h>
+
+struct vd_io;
+
+enum vd_cache { VD_CACHE_WRITEBACK = 0, VD_CACHE_NONE = 1 };   /* qemu's cache= names */
+enum vd_aio { VD_AIO_DEFAULT = 0, VD_AIO_IO_URING, VD_AIO_NATIVE, VD_AIO_THREADS };
+
+/* vd_file_open flags */
+#define VD_FILE_RDONLY   0x1
+#define VD_FILE_CREATE   0x2   /* create; fail if it exists */
+#define VD_FILE_TRUNC    0x4   /* with CREATE: create or truncate an existing file */
+#define VD_FILE_NOLOCK   0x8   /* do not take the OFD lock */
+
+struct vd_file;
+
+/* A protocol backend (the posix file backend, nbd://, rbd:). Any op may be
+ * NULL where the backend cannot do it (the core returns -ENOTSUP). */
+struct vd_proto {
+    const char *name;
+    /* true when this backend handles the given file name (e.g. "nbd://") */
+    bool (*match)(const char *name);
+    int (*open)(struct vd_file *f, const char *name, int flags, enum vd_cache cache);
+    void (*close)(struct vd_file *f);
+    int (*pread)(struct vd_file *f, void *buf, size_t len, uint64_t off);
+    int (*pwrite)(struct vd_file *f, const void *buf, size_t len, uint64_t off);
+    int (*sync)(struct vd_file *f);
+    int (*size)(struct vd_file *f, uint64_t *size);
+    int (*truncate)(struct vd_file *f, uint64_t size);
+    int (*allocate)(struct vd_file *f, uint64_t off, uint64_t len);   /* reserve, reads zero */
+    int (*punch)(struct vd_file *f, uint64_t off, uint64_t len);      /* deallocate, reads zero */
+    int (*zero)(struct vd_file *f, uint64_t off, uint64_t len);       /* reads zero, stays allocated */
+    /* Find the extent starting at off: *is_data, and its end (*end <= eof). */
+    int (*extent)(struct vd_file *f, uint64_t off, bool *is_data, uint64_t *end);
+    uint64_t (*allocated_bytes)(struct vd_file *f);
+    /* Asynchronous I/O of the backend's own (libnbd, librbd). NULL: the
+     * core submits preadv/pwritev/fdatasync on f->fd to the loop's engine. */
+    void (*submit)(struct vd_file *f, struct vd_io *io);
+};
+
+struct vd_file {
+    const struct vd_proto *proto;
+    int fd;                 /* -1 for backends without one */
+    char *name;             /* as given by the user */
+    bool readonly;
+    bool direct;            /* O_DIRECT (cache=none) */
+    uint32_t align;         /* alignment direct I/O needs (memory, offset, length); 1 if buffered */
+    pthread_mutex_t rmw_lock;  /* serialises unaligned read-modify-write on direct files */
+    void *priv;             /* backend state */
+};
+
+int  vd_file_open(const char *name, int flags, enum vd_cache cache, struct vd_file **out);
+void vd_file_close(struct vd_file *f);
+/* Full transfers or an error. Reads past the end of the file return zeros. */
+int  vd_file_pread(struct vd_file *f, void *buf, size_t len, uint64_t off);
+int  vd_file_pwrite(struct vd_file *f, const void *buf, size_t len, uint64_t off);
+int  vd_file_sync(struct vd_file *f);
+int  vd_file_size(struct vd_file *f, uint64_t *size);
+int  vd_file_truncate(struct vd_file *f, uint64_t size);
+int  vd_file_allocate(struct vd_file *f, uint64_t off, uint64_t len);
+int  vd_file_punch(struct vd_file *f, uint64_t off, uint64_t len);
+int  vd_file_zero(struct vd_file *f, uint64_t off, uint64_t len);
+int  vd_file_extent(struct vd_file *f, uint64_t off, bool *is_data, uint64_t *end);
+uint64_t vd_file_allocated_bytes(struct vd_file *f);
+/* Register a protocol backend (done once at start-up by each backend's
+ * constructor); the posix backend is the fallback for names no backend matches. */
+void vd_proto_register(const struct vd_proto *p);
+
+/* Aligned allocation usable for direct I/O on any file (4 KiB aligned). */
+void *vd_alloc_aligned(size_t len);
+
+#endif

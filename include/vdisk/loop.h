@@ -1,0 +1,45 @@
+/* The event loop: one per thread, each with its own I/O engine. Watches
+ * file descriptors (sockets, eventfds), runs posted work and timers, and
+ * reaps I/O completions. No locks are needed for anything owned by a loop. */
+#ifndef VDISK_LOOP_H
+#define VDISK_LOOP_H
+
+#include <stdint.h>
+#include "engine.h"
+
+struct vd_loop;
+typedef void (*vd_fd_cb)(struct vd_loop *loop, int fd, uint32_t events, void *opaque);
+typedef void (*vd_fn)(void *opaque);
+
+/* Create a loop for the calling thread (it becomes vd_loop_current()). */
+int  vd_loop_new(enum vd_aio aio, struct vd_loop **out);
+void vd_loop_free(struct vd_loop *loop);
+/* The calling thread's loop; creates one (aio=default) on first use. */
+struct vd_loop *vd_loop_current(void);
+const char *vd_loop_engine_name(struct vd_loop *loop);
+
+/* events: EPOLLIN / EPOLLOUT (level-triggered). */
+int  vd_loop_add_fd(struct vd_loop *loop, int fd, uint32_t events, vd_fd_cb cb, void *opaque);
+int  vd_loop_mod_fd(struct vd_loop *loop, int fd, uint32_t events);
+void vd_loop_del_fd(struct vd_loop *loop, int fd);
+
+/* Thread-safe: run fn(opaque) on the loop's thread soon. */
+void vd_loop_post(struct vd_loop *loop, vd_fn fn, void *opaque);
+/* One-shot timer on the loop's thread; returns an id for vd_loop_cancel_timer. */
+uint64_t vd_loop_timer(struct vd_loop *loop, uint64_t ms, vd_fn fn, void *opaque);
+void vd_loop_cancel_timer(struct vd_loop *loop, uint64_t id);
+
+/* Submit host I/O on this loop (must be called on the loop's thread). */
+void vd_loop_submit_io(struct vd_loop *loop, struct vd_io *io);
+
+/* Wait up to timeout_ms (-1 = forever) and process what is ready. */
+int  vd_loop_run_once(struct vd_loop *loop, int timeout_ms);
+/* Run until vd_loop_stop() (thread-safe). */
+void vd_loop_run(struct vd_loop *loop);
+void vd_loop_stop(struct vd_loop *loop);
+
+/* Run fn(opaque) on a worker thread (shared pool), then done(opaque) on this
+ * loop's thread: for slow, synchronous work (compression, metadata I/O). */
+void vd_loop_offload(struct vd_loop *loop, vd_fn fn, vd_fn done, void *opaque);
+
+#endif
