@@ -1,20 +1,30 @@
 /* The NBD client backend: nbd://, nbds://, nbd+unix://, nbds+unix:// and
- * nbd+vsock:// names are served by a libnbd connection. Metadata and slow
- * paths use libnbd's blocking calls; data I/O (vd_io) uses its
- * asynchronous commands, with the connection's socket watched by the loop
- * of every thread that has commands in flight, so no thread blocks per
- * request.
+ * nbd+vsock:// names are served by a libnbd connection, driven entirely
+ * through libnbd's asynchronous API so that no thread blocks per request:
+ * data I/O (vd_io) completes through the loop of the thread that submitted
+ * it, and the blocking calls (metadata, slow paths) issue the same
+ * asynchronous commands and wait for them.
+ *
+ * One connection may be used from several threads. libnbd must only be
+ * told "readable" when a reply really waits in the socket (a read that
+ * finds nothing leaves it half-way into a reply, with later commands held
+ * back), so every libnbd call that moves the socket runs under io_lock and
+ * pump() checks readability with poll() before each notification. Every
+ * loop with requests in flight watches the socket edge-triggered, and
+ * pump() keeps going until nothing more can be done, so no edge is lost.
  *
  * libnbd runs completion callbacks with its handle lock held and forbids
  * calling it back from there, so a callback only records the result and
- * queues the request; the queue is drained after each libnbd call returns,
- * on the request's own loop (other loops' requests are posted to them).
+ * queues the request; the queue is drained afterwards, on the request's
+ * own loop (other loops' requests are posted to them).
  *
  * For a vd_io owned by this backend the engine-private fields hold:
  *   cur_iovcnt  commands still outstanding (plus one while issuing)
  *   xfer        the errno of the first failed command, 0 if none */
 #include <errno.h>
 #include <libnbd.h>
+#include <poll.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -29,7 +39,6 @@
 struct watch {
     struct vd_loop *loop;
     int inflight;           /* this loop's requests not yet finished */
-    uint32_t events;
 };
 
 struct nbdf {
@@ -38,7 +47,8 @@ struct nbdf {
     uint64_t max_req;
     bool can_flush, can_zero, can_fua, can_fast_zero, meta;
 
-    pthread_mutex_t lock;   /* everything below */
+    pthread_mutex_t io_lock;    /* held around libnbd calls that move the socket */
+    pthread_mutex_t lock;       /* everything below */
     struct vd_io *done_head, *done_tail;
     struct watch *w;
     int nw, capw;
@@ -73,6 +83,7 @@ static int nbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     if (!n)
         return -ENOMEM;
     pthread_mutex_init(&n->lock, NULL);
+    pthread_mutex_init(&n->io_lock, NULL);
     int r;
     n->h = nbd_create();
     if (!n->h) {
@@ -111,6 +122,7 @@ fail:
     if (n->h)
         nbd_close(n->h);
     pthread_mutex_destroy(&n->lock);
+    pthread_mutex_destroy(&n->io_lock);
     free(n);
     return r;
 }
@@ -127,42 +139,55 @@ static struct watch *find_watch(struct nbdf *n, struct vd_loop *l)
 
 static void drain(struct nbdf *n, struct vd_loop *l);
 
-/* Called on l's thread: follow libnbd's wish to read and/or write. */
-static void update_interest(struct nbdf *n, struct vd_loop *l)
+static bool readable(int fd)
 {
-    int fd = nbd_aio_get_fd(n->h);
-    unsigned dir = (unsigned)nbd_aio_get_direction(n->h);
-    uint32_t ev = EPOLLIN | ((dir & LIBNBD_AIO_DIRECTION_WRITE) ? EPOLLOUT : 0);
-    pthread_mutex_lock(&n->lock);
-    struct watch *w = find_watch(n, l);
-    bool change = w && fd >= 0 && w->events != ev;
-    if (change)
-        w->events = ev;
-    pthread_mutex_unlock(&n->lock);
-    if (change)
-        vd_loop_mod_fd(l, fd, ev);
+    struct pollfd p = { .fd = fd, .events = POLLIN };
+    return poll(&p, 1, 0) > 0 && (p.revents & (POLLIN | POLLHUP | POLLERR));
+}
+
+static bool gone(struct nbdf *n)
+{
+    return nbd_aio_is_dead(n->h) || nbd_aio_is_closed(n->h);
+}
+
+/* Let libnbd do all the socket allows now: send what it has queued, read
+ * every reply that has arrived. Called with io_lock held. */
+static void pump_locked(struct nbdf *n)
+{
+    for (;;) {
+        int fd = nbd_aio_get_fd(n->h);
+        if (fd < 0 || gone(n))
+            return;
+        bool progress = false;
+        unsigned dir = nbd_aio_get_direction(n->h);
+        if (dir & LIBNBD_AIO_DIRECTION_WRITE) {
+            nbd_aio_notify_write(n->h);     /* harmless when the socket is full */
+            progress = nbd_aio_get_direction(n->h) != dir;
+            dir = nbd_aio_get_direction(n->h);
+        }
+        if ((dir & LIBNBD_AIO_DIRECTION_READ) && readable(fd)) {
+            nbd_aio_notify_read(n->h);
+            progress = true;
+        }
+        if (!progress)
+            return;
+    }
+}
+
+static void pump(struct nbdf *n)
+{
+    pthread_mutex_lock(&n->io_lock);
+    pump_locked(n);
+    pthread_mutex_unlock(&n->io_lock);
 }
 
 static void on_socket(struct vd_loop *l, int fd, uint32_t events, void *opaque)
 {
     struct nbdf *n = opaque;
-    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
-        nbd_aio_notify_read(n->h);
-    if (events & EPOLLOUT)
-        nbd_aio_notify_write(n->h);
+    pump(n);
     drain(n, l);
-    if (nbd_aio_is_dead(n->h) || nbd_aio_is_closed(n->h)) {
-        /* libnbd has failed every command in flight; stop listening to a
-         * socket that would report hang-up forever. */
-        pthread_mutex_lock(&n->lock);
-        struct watch *w = find_watch(n, l);
-        if (w)
-            w->events = 0;
-        pthread_mutex_unlock(&n->lock);
-        vd_loop_del_fd(l, fd);
-        return;
-    }
-    update_interest(n, l);
+    if (gone(n))
+        vd_loop_del_fd(l, fd);      /* every command has failed; stop listening */
 }
 
 /* Count a request of loop l in flight, watching the socket on its first. */
@@ -190,17 +215,18 @@ static int watch_add(struct nbdf *n, struct vd_loop *l)
     bool first = w->inflight++ == 0;
     pthread_mutex_unlock(&n->lock);
     if (first) {
-        int r = vd_loop_add_fd(l, fd, EPOLLIN, on_socket, n);
+        /* Edge-triggered: every loop with requests in flight hears of
+         * every reply and of room to send, whichever thread's call made
+         * libnbd wait for it; pump() after each call covers the rest. */
+        int r = vd_loop_add_fd(l, fd, EPOLLIN | EPOLLOUT | EPOLLET, on_socket, n);
         if (r < 0 && r != -EEXIST) {
             pthread_mutex_lock(&n->lock);
             w = find_watch(n, l);
-            w->inflight--;
+            if (--w->inflight == 0)
+                *w = n->w[--n->nw];
             pthread_mutex_unlock(&n->lock);
             return r;
         }
-        pthread_mutex_lock(&n->lock);
-        find_watch(n, l)->events = EPOLLIN;
-        pthread_mutex_unlock(&n->lock);
     }
     return 0;
 }
@@ -309,6 +335,7 @@ static void nbd_submit(struct vd_file *f, struct vd_io *io)
         io->done(io, r);
         return;
     }
+    pthread_mutex_lock(&n->io_lock);
     if (io->op == VD_IO_SYNC) {
         if (n->can_flush) {
             io->cur_iovcnt++;
@@ -346,76 +373,120 @@ static void nbd_submit(struct vd_file *f, struct vd_io *io)
             }
         }
     }
+    pump_locked(n);
+    pthread_mutex_unlock(&n->io_lock);
     part_done(n, io, 0);        /* release the hold */
     drain(n, l);
-    /* The request may be finished (and this loop's watch gone) already. */
-    update_interest(n, l);
 }
 
-/* ---- blocking calls ---- */
+/* ---- blocking calls: one asynchronous command, then wait ---- */
 
-/* After a blocking call, requests it completed on the way are finished
- * on their loops. */
-static void after_sync(struct nbdf *n)
+struct waiter {
+    atomic_bool done;
+    int err;
+};
+
+static int waiter_cb(void *user_data, int *error)
 {
-    if (n->done_head)
-        drain(n, NULL);
+    struct waiter *w = user_data;
+    w->err = *error;
+    atomic_store(&w->done, true);
+    return 1;
+}
+
+enum sop { S_READ, S_WRITE, S_FLUSH, S_ZERO, S_STATUS };
+
+/* Returns 0, the server's -errno, or (with a message) a local failure. */
+static int run_sync(struct vd_file *f, enum sop op, void *buf, uint64_t len, uint64_t off,
+                    uint32_t flags, nbd_extent_callback ext)
+{
+    struct nbdf *n = f->priv;
+    struct waiter w = { .done = false };
+    nbd_completion_callback cb = { .callback = waiter_cb, .user_data = &w };
+    int64_t c = -1;
+    pthread_mutex_lock(&n->io_lock);
+    switch (op) {
+    case S_READ:   c = nbd_aio_pread(n->h, buf, (size_t)len, off, cb, flags); break;
+    case S_WRITE:  c = nbd_aio_pwrite(n->h, buf, (size_t)len, off, cb, flags); break;
+    case S_FLUSH:  c = nbd_aio_flush(n->h, cb, flags); break;
+    case S_ZERO:   c = nbd_aio_zero(n->h, len, off, cb, flags); break;
+    case S_STATUS: c = nbd_aio_block_status(n->h, len, off, ext, cb, flags); break;
+    }
+    if (c < 0) {
+        int r = vd_err(nerrno(), "%s: %s", f->name, nerr());
+        pthread_mutex_unlock(&n->io_lock);
+        return r;
+    }
+    pump_locked(n);
+    pthread_mutex_unlock(&n->io_lock);
+    while (!atomic_load(&w.done)) {
+        /* Another thread's loop may read our reply; the short timeout
+         * bounds how long we sleep on a socket it has already drained. */
+        int fd = nbd_aio_get_fd(n->h);
+        unsigned dir = nbd_aio_get_direction(n->h);
+        struct pollfd p = { .fd = fd, .events = POLLIN };
+        if (dir & LIBNBD_AIO_DIRECTION_WRITE)
+            p.events |= POLLOUT;
+        poll(&p, fd >= 0 ? 1 : 0, 20);
+        pump(n);
+    }
+    drain(n, NULL);         /* others' requests finished on the way */
+    return w.err ? -w.err : 0;
 }
 
 static int nbd_pread_(struct vd_file *f, void *buf, size_t len, uint64_t off)
 {
     struct nbdf *n = f->priv;
     char *p = buf;
-    int r = 0;
-    while (len > 0 && r == 0) {
-        size_t chunk = len < n->max_req ? len : (size_t)n->max_req;
+    while (len > 0) {
         if (off >= n->size) {
-            memset(p, 0, len);
+            memset(p, 0, len);      /* past the end of the export */
             break;
         }
+        size_t chunk = len < n->max_req ? len : (size_t)n->max_req;
         if (chunk > n->size - off)
             chunk = (size_t)(n->size - off);
-        if (nbd_pread(n->h, p, chunk, off, 0) < 0)
-            r = vd_err(nerrno(), "%s: read of %zu bytes at offset %llu failed: %s", f->name,
-                       chunk, (unsigned long long)off, nerr());
+        int r = run_sync(f, S_READ, p, chunk, off, 0, (nbd_extent_callback){ 0 });
+        if (r < 0)
+            return vd_err(r, "%s: read of %zu bytes at offset %llu failed: %s", f->name,
+                          chunk, (unsigned long long)off, strerror(-r));
         p += chunk;
         off += chunk;
         len -= chunk;
     }
-    after_sync(n);
-    return r;
+    return 0;
 }
 
 static int nbd_pwrite_(struct vd_file *f, const void *buf, size_t len, uint64_t off)
 {
     struct nbdf *n = f->priv;
     const char *p = buf;
-    int r = 0;
     if (off > n->size || len > n->size - off)
         return vd_err(-ENOSPC, "%s: write of %zu bytes at offset %llu is past the end of the "
                       "export (%llu bytes)", f->name, len, (unsigned long long)off,
                       (unsigned long long)n->size);
-    while (len > 0 && r == 0) {
+    while (len > 0) {
         size_t chunk = len < n->max_req ? len : (size_t)n->max_req;
-        if (nbd_pwrite(n->h, p, chunk, off, 0) < 0)
-            r = vd_err(nerrno(), "%s: write of %zu bytes at offset %llu failed: %s", f->name,
-                       chunk, (unsigned long long)off, nerr());
+        int r = run_sync(f, S_WRITE, (void *)p, chunk, off, 0, (nbd_extent_callback){ 0 });
+        if (r < 0)
+            return vd_err(r, "%s: write of %zu bytes at offset %llu failed: %s", f->name,
+                          chunk, (unsigned long long)off, strerror(-r));
         p += chunk;
         off += chunk;
         len -= chunk;
     }
-    after_sync(n);
-    return r;
+    return 0;
 }
 
 static int nbd_sync_(struct vd_file *f)
 {
     struct nbdf *n = f->priv;
-    int r = 0;
-    if (n->can_flush && nbd_flush(n->h, 0) < 0)
-        r = vd_err(nerrno(), "%s: flush failed: %s", f->name, nerr());
-    after_sync(n);
-    return r;
+    if (!n->can_flush)
+        return 0;
+    int r = run_sync(f, S_FLUSH, NULL, 0, 0, 0, (nbd_extent_callback){ 0 });
+    if (r < 0)
+        return vd_err(r, "%s: flush failed: %s", f->name, strerror(-r));
+    return 0;
 }
 
 static int nbd_size_(struct vd_file *f, uint64_t *size)
@@ -446,13 +517,13 @@ static int zero_range(struct vd_file *f, uint64_t off, uint64_t len, uint32_t fl
     int r = 0;
     while (len > 0 && r == 0) {
         uint64_t chunk = len < MAX_ZERO_REQ ? len : MAX_ZERO_REQ;
-        if (nbd_zero(n->h, chunk, off, flags) < 0)
-            r = vd_err(nerrno(), "%s: %s at offset %llu failed: %s", f->name, what,
-                       (unsigned long long)off, nerr());
+        r = run_sync(f, S_ZERO, NULL, chunk, off, flags, (nbd_extent_callback){ 0 });
+        if (r < 0)
+            r = vd_err(r, "%s: %s at offset %llu failed: %s", f->name, what,
+                       (unsigned long long)off, strerror(-r));
         off += chunk;
         len -= chunk;
     }
-    after_sync(n);
     return r;
 }
 
@@ -515,13 +586,10 @@ static int nbd_extent_(struct vd_file *f, uint64_t off, bool *is_data, uint64_t 
     }
     struct ext_ctx c = { .off = off };
     nbd_extent_callback cb = { .callback = extent_cb, .user_data = &c };
-    int r = 0;
-    if (nbd_block_status(n->h, len, off, cb, 0) < 0)
-        r = vd_err(nerrno(), "%s: block status at offset %llu failed: %s", f->name,
-                   (unsigned long long)off, nerr());
-    after_sync(n);
+    int r = run_sync(f, S_STATUS, NULL, len, off, 0, cb);
     if (r < 0)
-        return r;
+        return vd_err(r, "%s: block status at offset %llu failed: %s", f->name,
+                      (unsigned long long)off, strerror(-r));
     if (!c.got || c.end <= off) {
         /* A server that answered nothing useful: assume data. */
         *is_data = true;
@@ -544,6 +612,7 @@ static void nbd_close_(struct vd_file *f)
     nbd_close(n->h);
     free(n->w);
     pthread_mutex_destroy(&n->lock);
+    pthread_mutex_destroy(&n->io_lock);
     free(n);
     f->priv = NULL;
 }

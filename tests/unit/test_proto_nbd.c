@@ -273,10 +273,46 @@ static void async_threads(void **s)
         a[i] = (struct worker_arg){ .f = f, .base = (uint64_t)(i + 1) * NREQ * RLEN };
         assert_int_equal(pthread_create(&t[i], NULL, async_worker, &a[i]), 0);
     }
+    /* meanwhile, blocking calls on the same connection from this thread */
+    uint8_t buf[4096];
+    for (int i = 0; i < 200; i++) {
+        bool data;
+        uint64_t end;
+        assert_int_equal(vd_file_pread(f, buf, sizeof(buf), (uint64_t)i * 4096), 0);
+        assert_int_equal(vd_file_extent(f, 40 << 20, &data, &end), 0);
+        assert_false(data);
+    }
     for (int i = 0; i < 3; i++) {
         pthread_join(t[i], NULL);
         assert_true(a[i].ok);
     }
+    vd_file_close(f);
+}
+
+/* The server goes away: requests fail, nothing hangs or crashes. */
+static void server_gone(void **s)
+{
+    char sock[128], u[256];
+    snprintf(sock, sizeof(sock), "%s/gone.sock", dir);
+    pid_t pid = start_nbdkit(sock, false);
+    assert_true(pid > 0);
+    snprintf(u, sizeof(u), "nbd+unix:///?socket=%s", sock);
+    struct vd_file *f;
+    assert_int_equal(vd_file_open(u, 0, VD_CACHE_WRITEBACK, &f), 0);
+    kill(pid, SIGKILL);
+    waitpid(pid, NULL, 0);
+    uint8_t buf[4096];
+    assert_true(vd_file_pread(f, buf, sizeof(buf), 0) < 0);
+    struct vd_loop *l = vd_loop_current();
+    struct areq q = { 0 };
+    int pending = 1;
+    q.iov[0] = (struct iovec){ buf, sizeof(buf) };
+    q.io = (struct vd_io){ .op = VD_IO_READ, .file = f, .iov = q.iov, .iovcnt = 1,
+                           .done = areq_done };
+    q.pending = &pending;
+    vd_loop_submit_io(l, &q.io);
+    run_until(l, &pending);
+    assert_true(q.res < 0);
     vd_file_close(f);
 }
 
@@ -314,6 +350,7 @@ int main(void)
         cmocka_unit_test(async_io),
         cmocka_unit_test(async_threads),
         cmocka_unit_test(disk_raw),
+        cmocka_unit_test(server_gone),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
