@@ -74,6 +74,7 @@ struct conn {
     size_t in_pos, in_len;
     struct nreq *rx;            /* WRITE whose payload is arriving */
     uint64_t discard;           /* payload bytes of a refused WRITE to drop */
+    struct nreq *discard_req;   /* its error reply, sent once the payload is gone */
     /* output: replies in completion order */
     struct nreq *oq, **oq_tail;
     size_t osent;               /* bytes of oq's head already sent */
@@ -752,9 +753,15 @@ static bool take_header(struct conn *c)
         vd_log(VD_LOG_DEBUG, "%s: %s at %llu+%u refused: %s", c->peer, vd_nbd_cmd_name(h.type),
                (unsigned long long)h.off, h.len, why ? why : "");
         vd_export_stat(c->exp, stat_op(h.type), 0, 0, -EINVAL);
-        c->discard = payload;
         reply_error(c, q, err, why);
-        enqueue(c, q);
+        if (payload) {
+            /* Answer after the payload: a client may not expect the reply
+             * before it has finished sending the request. */
+            c->discard = payload;
+            c->discard_req = q;
+        } else {
+            enqueue(c, q);
+        }
         return true;
     }
     if (payload) {
@@ -776,6 +783,10 @@ static void process_xmit(struct conn *c)
             c->discard -= n;
             if (c->discard)
                 return;
+            if (c->discard_req) {
+                enqueue(c, c->discard_req);
+                c->discard_req = NULL;
+            }
             continue;
         }
         if (c->rx) {
@@ -1078,6 +1089,10 @@ static void destroy(struct conn *c)
     if (c->rx) {
         finish_sent(c, c->rx);
         c->rx = NULL;
+    }
+    if (c->discard_req) {
+        finish_sent(c, c->discard_req);
+        c->discard_req = NULL;
     }
     vd_log(VD_LOG_INFO, "%s: disconnected after %llu requests", c->peer, (unsigned long long)c->requests);
     if (c->exp)

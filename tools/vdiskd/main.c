@@ -319,6 +319,9 @@ int main(int argc, char **argv)
     r = activation(&ls, &nls, &control_fd);
     if (r < 0)
         goto fail;
+    /* Started by a client through socket activation (nbdinfo [ CMD ]): serve
+     * its socket instead of stdin, and still exit after that connection. */
+    bool serve_stdin = stdio_mode && r == 0;
     if (!stdio_mode && nls == 0) {
         if (!nnbd && control_fd < 0 && (defsock = default_socket()))
             nbd[nnbd++] = defsock;
@@ -346,7 +349,7 @@ int main(int argc, char **argv)
             goto fail;
         }
     }
-    if (stdio_mode)
+    if (serve_stdin)
         vd_loop_post(vdd_worker_next(), serve_stdio, NULL);
     notify_ready();
 
