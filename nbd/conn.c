@@ -1207,10 +1207,11 @@ static void kill_on_loop(void *opaque)
     }
     pthread_mutex_unlock(&reg_lock);
     /* Connections of this loop are only freed on this thread: safe to use. */
+    /* The export (or the daemon) is going: requests inside the disk finish,
+     * replies not yet sent are dropped, and the connection closes. */
     for (size_t i = 0; i < n; i++) {
         v[i]->read_closed = true;
-        if (k->exp)
-            v[i]->dead = true;   /* the export is going: do not wait for the client */
+        v[i]->dead = true;
         progress(v[i]);
     }
     free(v);
@@ -1241,6 +1242,9 @@ static void kill_everywhere(struct vd_export *e)
 void vd_nbd_close_all(void)
 {
     kill_everywhere(NULL);
+    /* Wait (bounded) until every connection's in-flight requests are done. */
+    for (int i = 0; i < 30000 && vd_nbd_connections(); i++)
+        usleep(1000);
 }
 
 /* ---- the "nbd" export type ---- */

@@ -150,7 +150,8 @@ void vd_nbd_server_configure(const struct vd_nbd_server_config *cfg);
 void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer);
 /* Live connections (all loops). */
 unsigned vd_nbd_connections(void);
-/* Close every connection after its in-flight requests finish (shutdown). */
+/* Close every connection once its in-flight requests are done (shutdown);
+ * returns when all are closed (at most ~30 s). */
 void vd_nbd_close_all(void);
 
 #endif

@@ -31,8 +31,8 @@ jq_is "nbdinfo: writable, trim, zero, fast zero, cache, df" "$info" \
     "false,true,true,true,true,true"
 jq_is "nbdinfo: description" "$info" '.exports[0].description' "test disk"
 check "nbdinfo: the empty name is the default export" \
-    bash -c "[ \"\$(nbdinfo --size 'nbd+unix:///?socket=$S')\" = 67108864 ]"
-check "nbdinfo --list names the export" bash -c "nbdinfo --list --json 'nbd+unix:///?socket=$S' | jq -e '.exports[0].\"export-name\" == \"disk\"'"
+    bash -o pipefail -c "[ \"\$(nbdinfo --size 'nbd+unix:///?socket=$S')\" = 67108864 ]"
+check "nbdinfo --list names the export" bash -o pipefail -c "nbdinfo --list --json 'nbd+unix:///?socket=$S' | jq -e '.exports[0].\"export-name\" == \"disk\"'"
 check_fails "nbdinfo: an unknown export is refused" nbdinfo --size "nbd+unix:///nosuch?socket=$S"
 
 map=$(nbdinfo --map "$U" | awk '{print $1, $2, $3}' | tr '\n' ';')
@@ -47,17 +47,17 @@ tmap=$(nbdinfo --map --totals "$U")
 check "nbdinfo --map --totals: 2 MiB of data" grep -qE '^ *2097152 +3\.1% +0 +data' <<<"$tmap"
 
 # ---- nbdcopy round trips ----
-check "nbdcopy export → file equals the image" bash -c "nbdcopy '$U' '$T/out1.raw' && cmp '$T/out1.raw' '$T/expect.raw'"
+check "nbdcopy export → file equals the image" bash -o pipefail -c "nbdcopy '$U' '$T/out1.raw' && cmp '$T/out1.raw' '$T/expect.raw'"
 rand_file "$T/src.raw" 16 seed2
 truncate -s 64M "$T/src.raw"
 check "nbdcopy file → export (4 connections, flush)" nbdcopy --flush --connections=4 "$T/src.raw" "$U"
-check "nbdcopy export → file round trip is identical" bash -c "nbdcopy '$U' '$T/out2.raw' && cmp '$T/src.raw' '$T/out2.raw'"
+check "nbdcopy export → file round trip is identical" bash -o pipefail -c "nbdcopy '$U' '$T/out2.raw' && cmp '$T/src.raw' '$T/out2.raw'"
 check "qemu-img compare with the source" qemu-img compare -f raw -F raw "$T/src.raw" "$U"
 
 # ---- qemu as a client ----
 qi=$(qemu-img info --output=json "$U")
 jq_is "qemu-img info: virtual size" "$qi" '."virtual-size"' 67108864
-check "qemu-img convert to qcow2 and compare" bash -c "qemu-img convert -O qcow2 '$U' '$T/c.qcow2' && qemu-img compare '$T/c.qcow2' '$U'"
+check "qemu-img convert to qcow2 and compare" bash -o pipefail -c "qemu-img convert -O qcow2 '$U' '$T/c.qcow2' && qemu-img compare '$T/c.qcow2' '$U'"
 check "qemu-io: unaligned writes and reads with patterns" qemu-io -f raw \
     -c 'write -P 0xa5 1000 70000' -c 'read -P 0xa5 1000 70000' \
     -c 'aio_write -P 0x5a 3000000 131072' -c 'aio_flush' -c 'read -P 0x5a 3000000 131072' \
@@ -72,7 +72,7 @@ start_vdiskd r --nbd "tcp:127.0.0.1:$port" --export "file=$T/ro.raw,readonly=on"
 R="nbd://127.0.0.1:$port/ro.raw"
 rinfo=$(nbdinfo --json "$R")
 jq_is "TCP: read-only export is flagged read-only" "$rinfo" '.exports[0].is_read_only' true
-check "TCP: nbdcopy from the read-only export" bash -c "nbdcopy '$R' '$T/out3.raw' && cmp '$T/out3.raw' '$T/expect.raw'"
+check "TCP: nbdcopy from the read-only export" bash -o pipefail -c "nbdcopy '$R' '$T/out3.raw' && cmp '$T/out3.raw' '$T/expect.raw'"
 check_fails "read-only export refuses writes" qemu-io -f raw -c 'write -P 1 0 4096' "$R"
 check "the read-only image is unchanged" cmp "$T/ro.raw" "$T/expect.raw"
 
@@ -83,14 +83,14 @@ if [ $rc -ne 0 ] && grep -qi 'lock' <<<"$out" && ! grep -qE 'Sanitizer|runtime e
 else fail "a second vdiskd on the same image fails with a clear message" "rc $rc: $out"; fi
 
 # ---- stdio and socket activation ----
-check "nbdinfo [ vdiskd --stdio ] (socket activation)" bash -c \
+check "nbdinfo [ vdiskd --stdio ] (socket activation)" bash -o pipefail -c \
     "[ \"\$(nbdinfo --size -- [ '$VDISKD' --stdio --log-level=warning --export 'file=$T/expect.raw,readonly=on' ])\" = 67108864 ]"
 check "nbdsh connect_command: vdiskd --stdio on stdin/stdout" nbdsh -c "
 h.connect_command(['$VDISKD', '--stdio', '--log-level=warning', '--export', 'file=$T/expect.raw,readonly=on'])
 assert h.get_size() == 67108864
 assert h.pread(1048576, 1048576) == open('$T/blob', 'rb').read()
 "
-check "systemd-socket-activate: served on the passed socket" bash -c "
+check "systemd-socket-activate: served on the passed socket" bash -o pipefail -c "
 systemd-socket-activate -l '$T/act.sock' '$VDISKD' --log-level=warning --export 'file=$T/expect.raw,readonly=on' >/dev/null 2>'$T/act.log' &
 p=\$!; for i in \$(seq 100); do [ -S '$T/act.sock' ] && break; sleep 0.05; done
 n=\$(nbdinfo --size 'nbd+unix:///?socket=$T/act.sock'); kill \$p; wait \$p; [ \"\$n\" = 67108864 ]"
@@ -102,10 +102,10 @@ check_fails "--export with an unknown option" "$VDISKD" --nbd "unix:$T/x.sock" -
 check_fails "--tls=maybe" "$VDISKD" --tls=maybe --export "file=$T/expect.raw"
 check_fails "--nbd with a bad address" "$VDISKD" --nbd "udp:1" --export "file=$T/expect.raw,readonly=on"
 check_fails "--nbd on a socket another server holds" "$VDISKD" --nbd "unix:$S" --export "file=$T/expect.raw,readonly=on"
-check "vdiskd --help" bash -c "'$VDISKD' --help | grep -q -- '--export'"
+check "vdiskd --help" bash -o pipefail -c "'$VDISKD' --help | grep -q -- '--export'"
 
 nbdcopy "$U" "$T/final.raw"
 stop_vdiskd d
 stop_vdiskd r
 check "what was written over NBD is in the image after shutdown" cmp "$T/sparse.raw" "$T/final.raw"
-check "sockets and pidfiles are removed on exit" bash -c "[ ! -e '$S' ] && [ ! -e '$T/d.pid' ]"
+check "sockets and pidfiles are removed on exit" bash -o pipefail -c "[ ! -e '$S' ] && [ ! -e '$T/d.pid' ]"
