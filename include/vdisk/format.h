@@ -132,6 +132,16 @@ struct vd_format {
     /* Rewrite the backing file name / format (rebase -u). */
     int  (*set_backing)(struct vd_layer *l, const char *name, const char *fmt);
     const struct vd_create_opt_desc *create_opts;   /* {NULL} terminated */
+    /* Optional split of write_compressed for parallel compression (convert -c):
+     * compress() is thread-safe and is called WITHOUT layer->lock, on any
+     * thread: it compresses one whole unit (len = unit, or the image's last
+     * partial unit, which it pads with zeros) into out (capacity *outlen,
+     * give at least the unit size) and sets *outlen. -ENOSPC: the unit does
+     * not shrink; write it with an ordinary write instead.
+     * write_compressed_raw() is called WITH layer->lock held: it stores a
+     * blob made by compress() as the unit at off (unit-aligned). */
+    int  (*compress)(struct vd_layer *l, const void *in, size_t len, void *out, size_t *outlen);
+    int  (*write_compressed_raw)(struct vd_layer *l, uint64_t off, const void *blob, size_t bloblen);
 };
 
 struct vd_layer {
