@@ -369,6 +369,10 @@ int vd_q2_discard(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags
     (void)flags;
     if (!l->discard_unmap || l->readonly)
         return -ENOTSUP;
+    /* v2 cannot mark a cluster zero, and unallocated would expose the
+     * backing file's data: discard is only a hint, ignore it (as QEMU) */
+    if (s->version < 3 && l->backing_name)
+        return -ENOTSUP;
     uint64_t end = off + len > s->size ? s->size : off + len;
     uint64_t c0 = (off + s->cs - 1) >> s->cluster_bits;
     uint64_t c1 = end == s->size ? (end + s->cs - 1) >> s->cluster_bits : end >> s->cluster_bits;
