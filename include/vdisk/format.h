@@ -31,6 +31,8 @@ enum vd_map_kind {
 #define VD_MAP_F_STATUS 0x1  /* exact data/zero/hole answer wanted (block status);
                                 without it a driver may answer DATA for ranges
                                 that merely read as zeros, when that is cheaper */
+#define VD_MAP_F_WRITE  0x2  /* the answer is for a write: the image is about to
+                                change (VMDK bumps its content ID once per open) */
 
 struct vd_map {
     uint64_t len;            /* bytes from off this answer covers, > 0 */
@@ -124,6 +126,10 @@ struct vd_format {
     /* Rewrite the backing file name / format (rebase -u). */
     int  (*set_backing)(struct vd_layer *l, const char *name, const char *fmt);
     const struct vd_create_opt_desc *create_opts;   /* {NULL} terminated */
+    /* Optional: called by the core once l->backing is open, so the driver
+     * can check the parent's identity (VHD parent UUID, VMDK parentCID);
+     * an error refuses the chain. NULL: nothing to check. */
+    int  (*backing_opened)(struct vd_layer *l);
 };
 
 struct vd_layer {
