@@ -27,6 +27,11 @@ enum vd_map_kind {
     VD_MAP_COMPRESSED,  /* compressed blob at file:host_off; read via read_compressed */
 };
 
+/* request flags (also passed to a driver's zero()) */
+#define VD_REQ_FUA       0x1   /* write: durable when done */
+#define VD_REQ_MAY_UNMAP 0x2   /* write-zeroes: may deallocate */
+#define VD_REQ_FAST_ZERO 0x4   /* write-zeroes: fail -ENOTSUP rather than write zeros */
+
 /* map flags */
 #define VD_MAP_F_STATUS 0x1  /* exact data/zero/hole answer wanted (block status);
                                 without it a driver may answer DATA for ranges
@@ -123,6 +128,9 @@ struct vd_format {
     /* Add keys to qemu-img's info object: "cluster-size", "format-specific",
      * "snapshots", "dirty-flag"… (the core adds the generic ones). */
     int  (*info)(struct vd_layer *l, json_t *info);
+    /* Called once l->backing is open, to check it is the right parent
+     * (VMDK parentCID, VHD parent UUID); may be NULL. */
+    int  (*backing_opened)(struct vd_layer *l);
     /* Rewrite the backing file name / format (rebase -u). */
     int  (*set_backing)(struct vd_layer *l, const char *name, const char *fmt);
     const struct vd_create_opt_desc *create_opts;   /* {NULL} terminated */
@@ -149,6 +157,7 @@ struct vd_layer {
     pthread_mutex_t lock;
     struct vd_inflight *inflight;   /* core-private */
     enum vd_cache cache;
+    bool opened;                /* core-private: fmt->open succeeded */
 };
 
 /* Formats: raw always; others register in formats/registry.c. */
@@ -156,6 +165,8 @@ const struct vd_format *vd_format_find(const char *name);     /* name or alias *
 /* The format of f by probing its content; -EINVAL with a message when no
  * format claims it (raw is never probed: -f raw must say so). */
 int vd_format_probe(struct vd_file *f, const struct vd_format **out);
+/* Add a format at run time (out-of-tree drivers, tests). */
+int vd_format_register(const struct vd_format *f);
 /* Iterate: i = 0, 1, … until NULL. */
 const struct vd_format *vd_format_at(size_t i);
 
