@@ -583,7 +583,15 @@ static int vmdk_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_
     uint64_t at = sp->next;
     if (at / VMDK_SECTOR + sp->grain > 0xFFFFFFFFull)
         return vd_err(-EFBIG, "%s: extent %s is full (2 TiB of sectors)", lname(l), en);
+    /* Grow the file over the whole grain now: the core may write only the
+     * non-zero part, and the file's end is where the next grain goes. */
+    r = vd_file_truncate(e->file, at + gb);
+    if (r < 0)
+        return vd_err(r, "%s: cannot extend %s to %llu bytes", lname(l), en,
+                      (unsigned long long)(at + gb));
     sp->next += gb;
+    if (sp->next > sp->fsize)
+        sp->fsize = sp->next;
     a->file = e->file;
     a->host_off = at;
     a->fresh = true;

@@ -245,9 +245,10 @@ int vmdk_sparse_gte(const char *name, struct vd_file *f, struct vmdk_sparse *s, 
     }
     uint32_t e = s->gt[di][g % s->gtes];
     if (e > 1 || (e == 1 && !s->zero_gte)) {
-        uint64_t need = s->compressed ? 12 : s->grain * VMDK_SECTOR;
+        /* The grain must start inside the file (a short last grain reads
+         * as zeros past the end). */
         uint64_t lim = s->fsize > s->next ? s->fsize : s->next;
-        if ((uint64_t)e * VMDK_SECTOR + need > lim)
+        if ((uint64_t)e * VMDK_SECTOR >= lim)
             return vd_err(-EINVAL, "%s: grain table entry for grain %llu points at sector %u, past "
                           "the end of the file", name, (unsigned long long)g, e);
         if (e == 1 || (uint64_t)e * VMDK_SECTOR < (s->compressed ? VMDK_SECTOR : 2 * VMDK_SECTOR))
@@ -287,7 +288,7 @@ static int link_one(const char *name, struct vd_file *f, struct vmdk_sparse *s, 
     uint8_t e[4];
     put_le32(e, sector);
     if (!dir[di]) {
-        uint32_t ts;
+        uint32_t ts = 0;
         r = new_table(name, f, s, &ts);
         if (r < 0)
             return r;

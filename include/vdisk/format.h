@@ -134,10 +134,6 @@ struct vd_format {
     /* Rewrite the backing file name / format (rebase -u). */
     int  (*set_backing)(struct vd_layer *l, const char *name, const char *fmt);
     const struct vd_create_opt_desc *create_opts;   /* {NULL} terminated */
-    /* Optional: called by the core once l->backing is open, so the driver
-     * can check the parent's identity (VHD parent UUID, VMDK parentCID);
-     * an error refuses the chain. NULL: nothing to check. */
-    int  (*backing_opened)(struct vd_layer *l);
 };
 
 struct vd_layer {
