@@ -78,7 +78,7 @@ int vhd_probe(const uint8_t *buf, size_t len, struct vd_file *f)
         return 0;
     if (vd_file_pread(f, foot, sizeof(foot), size - VHD_FOOTER_SIZE) < 0)
         return 0;
-    if (memcmp(foot, "conectix", 8) == 0 && vhd_be32(foot + VF_DISK_TYPE) == VHD_TYPE_FIXED)
+    if (memcmp(foot, "conectix", 8) == 0)
         return 100;
     return 0;
 }

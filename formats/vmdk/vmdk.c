@@ -44,6 +44,8 @@ uint32_t vmdk_new_cid(void)
 static bool looks_like_descriptor(const uint8_t *buf, size_t len)
 {
     size_t n = len < 1024 ? len : 1024;
+    if (n >= 21 && !memcmp(buf, "# Disk DescriptorFile", 21))
+        return true;
     for (size_t i = 0; i < n; i++) {
         if (buf[i] == 0)
             break;
