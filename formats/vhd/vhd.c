@@ -224,7 +224,9 @@ static int vhd_open_dynamic(struct vd_layer *l, struct vhd *s, uint64_t fsize)
     return 0;
 }
 
-static int vhd_open(struct vd_layer *l)
+static void vhd_close(struct vd_layer *l);
+
+static int vhd_open_inner(struct vd_layer *l)
 {
     struct vhd *s = calloc(1, sizeof(*s));
     uint64_t fsize;
@@ -276,6 +278,15 @@ static void vhd_close(struct vd_layer *l)
     free(s->bat);
     free(s);
     l->priv = NULL;
+}
+
+/* A failed open cleans up after itself (the core does not call close). */
+static int vhd_open(struct vd_layer *l)
+{
+    int r = vhd_open_inner(l);
+    if (r < 0)
+        vhd_close(l);
+    return r;
 }
 
 static int vhd_bitmap(struct vd_layer *l, struct vhd *s, uint32_t blk, uint8_t **out)

@@ -199,7 +199,7 @@ static int open_extents(struct vd_layer *l, struct vmdk *s)
     return 0;
 }
 
-static int vmdk_open(struct vd_layer *l)
+static int vmdk_open_inner(struct vd_layer *l)
 {
     struct vmdk *s = calloc(1, sizeof(*s));
     char *text = NULL;
@@ -280,6 +280,15 @@ static void vmdk_close(struct vd_layer *l)
     }
     free(s);
     l->priv = NULL;
+}
+
+/* A failed open cleans up after itself (the core does not call close). */
+static int vmdk_open(struct vd_layer *l)
+{
+    int r = vmdk_open_inner(l);
+    if (r < 0)
+        vmdk_close(l);
+    return r;
 }
 
 static struct vmdk_extent *find_extent(struct vmdk *s, uint64_t sector)
