@@ -36,6 +36,8 @@ enum vd_map_kind {
 #define VD_MAP_F_STATUS 0x1  /* exact data/zero/hole answer wanted (block status);
                                 without it a driver may answer DATA for ranges
                                 that merely read as zeros, when that is cheaper */
+#define VD_MAP_F_WRITE  0x2  /* the answer is for a write: the image is about to
+                                change (VMDK bumps its content ID once per open) */
 
 struct vd_map {
     uint64_t len;            /* bytes from off this answer covers, > 0 */
