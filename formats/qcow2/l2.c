@@ -95,6 +95,46 @@ static int get_entry(struct q2 *s, uint64_t vc, bool create, uint8_t **tbl, uint
     return 0;
 }
 
+/* QEMU's guess whether data clusters may be holes in the file (images
+ * preallocated with metadata only): more clusters in use than the file
+ * has allocated. Only then does it look at the file for zeros. */
+static int detect_meta_prealloc(struct q2 *s)
+{
+    uint64_t fsize;
+    int r = vd_file_size(s->f, &fsize);
+    if (r < 0)
+        return r;
+    uint64_t real = vd_file_allocated_bytes(s->f) / s->cs;
+    uint64_t threshold = real * 10 / 9 > real + 2 ? real * 10 / 9 : real + 2;
+    uint64_t end = (fsize + s->cs - 1) / s->cs, count = 0;
+    for (uint64_t i = 0; i < end && count < threshold; i++) {
+        uint64_t rc;
+        if ((r = vd_q2_refcount(s, i, &rc)) < 0)
+            return r;
+        count += rc != 0;
+    }
+    s->meta_prealloc = count >= threshold;
+    return 0;
+}
+
+/* Block status of a data range: as QEMU, holes in the host file read as zeros. */
+static int status_from_file(struct q2 *s, struct vd_map *m)
+{
+    int r;
+    if (s->meta_prealloc < 0 && (r = detect_meta_prealloc(s)) < 0)
+        return r;
+    if (!s->meta_prealloc)
+        return 0;
+    bool is_data;
+    uint64_t end;
+    if (vd_file_extent(s->f, m->host_off, &is_data, &end) < 0)
+        return 0;   /* extra information only */
+    m->reads_zero = !is_data;
+    if (end != UINT64_MAX && end > m->host_off && end - m->host_off < m->len)
+        m->len = end - m->host_off;
+    return 0;
+}
+
 int vd_q2_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, struct vd_map *m)
 {
     struct q2 *s = l->priv;
@@ -143,7 +183,9 @@ int vd_q2_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, st
             }
             seg_end = s->ext_l2 ? ((cur / s->sc_size) + 1) * s->sc_size : (vc + 1) << s->cluster_bits;
             uint64_t hc = e & Q2_OFF_MASK;
-            if (k == Q2_NORMAL || k == Q2_ZERO_ALLOC) {
+            if (k == Q2_UNALLOC && hc && (flags & VD_MAP_F_STATUS))
+                k = Q2_UNALLOC_ALLOC;
+            if (k == Q2_NORMAL || k == Q2_ZERO_ALLOC || k == Q2_UNALLOC_ALLOC) {
                 if (hc + s->cs > s->host_end && k == Q2_NORMAL)
                     return vd_err(-EIO, "%s: data cluster at 0x%llx (guest offset 0x%llx) lies past the end of the image",
                                   s->fname, (unsigned long long)hc, (unsigned long long)(vc << s->cluster_bits));
@@ -154,7 +196,7 @@ int vd_q2_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, st
             seg_end = end;
         enum vd_map_kind mk = k == Q2_NORMAL ? VD_MAP_DATA :
                               (k == Q2_ZERO_PLAIN || k == Q2_ZERO_ALLOC) ? VD_MAP_ZERO : VD_MAP_UNALLOC;
-        bool hv = k == Q2_ZERO_ALLOC;
+        bool hv = k == Q2_ZERO_ALLOC || k == Q2_UNALLOC_ALLOC;
         if (first) {
             kind = mk;
             m->kind = mk;
@@ -171,6 +213,8 @@ int vd_q2_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, st
         cur = seg_end;
     }
     m->len = cur - off;
+    if (m->kind == VD_MAP_DATA && (flags & VD_MAP_F_STATUS))
+        return status_from_file(s, m);
     return 0;
 }
 

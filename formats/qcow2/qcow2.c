@@ -64,6 +64,7 @@ static int q2_open(struct vd_layer *l)
     s->f = l->file;
     s->fname = l->filename;
     s->rw = !l->readonly;
+    s->meta_prealloc = -1;
     uint64_t fsize;
     int r = vd_file_size(s->f, &fsize);
     uint8_t *hb = NULL;

@@ -48,7 +48,8 @@
 enum q2_ctype { Q2_CT_ZLIB = 0, Q2_CT_ZSTD = 1 };
 
 /* A decoded (sub)cluster, as map sees it. */
-enum q2_kind { Q2_UNALLOC, Q2_ZERO_PLAIN, Q2_ZERO_ALLOC, Q2_NORMAL, Q2_COMPRESSED_K };
+enum q2_kind { Q2_UNALLOC, Q2_ZERO_PLAIN, Q2_ZERO_ALLOC, Q2_NORMAL, Q2_COMPRESSED_K,
+              Q2_UNALLOC_ALLOC /* map only: unallocated subcluster of an allocated cluster */ };
 
 /* A bounded write-back cache of cluster-sized tables (L2 tables,
  * refcount blocks). Lookups keep a last-hit fast path; eviction is LRU. */
@@ -149,6 +150,7 @@ struct q2 {
     bool rc_unsynced, l2_unsynced;
     bool dirty_on_disk;           /* header dirty bit set by us (lazy refcounts) */
     bool lazy;
+    int meta_prealloc;            /* -1 unknown, 0/1: data clusters may be holes (as QEMU guesses) */
 };
 
 /* endian helpers */

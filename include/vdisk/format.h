@@ -48,6 +48,8 @@ struct vd_map {
     uint32_t comp_len;       /* COMPRESSED: blob bytes (upper bound) */
     uint32_t comp_unit;      /* COMPRESSED: bytes the blob decompresses to */
     uint64_t comp_voff;      /* COMPRESSED: virtual offset of the unit's start */
+    bool reads_zero;         /* DATA with VD_MAP_F_STATUS: the host range is known to
+                                read as zeros (a hole); block status adds "zero" */
 };
 
 struct vd_alloc {

@@ -11,7 +11,8 @@ have_convert=0
 
 # Guest writes, zero writes and discards that every image gets.
 io_script() {   # size
-    local s=$1
+    local s
+    s=$(numfmt --from=iec "$1")
     echo "write -P 0x11 0 100k"
     echo "write -P 0x22 $((s / 3)) 777k"
     echo "write -P 0x33 $((s / 2 + 4096)) 5000"
