@@ -120,7 +120,8 @@ install: all
 	install -m 755 $(LIB_SO) $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 include/vdisk/*.h $(DESTDIR)$(PREFIX)/include/vdisk/
 	$(if $(PLUGIN),install -d $(DESTDIR)$(PREFIX)/lib/nbdkit/plugins && install -m 755 $(PLUGIN) $(DESTDIR)$(PREFIX)/lib/nbdkit/plugins/)
-	install -m 644 $(wildcard man/*.1 man/*.8) $(DESTDIR)$(PREFIX)/share/man/man1/
+	$(if $(wildcard man/*.1),install -m 644 $(wildcard man/*.1) $(DESTDIR)$(PREFIX)/share/man/man1/)
+	$(if $(wildcard man/*.8),install -d $(DESTDIR)$(PREFIX)/share/man/man8 && install -m 644 $(wildcard man/*.8) $(DESTDIR)$(PREFIX)/share/man/man8/)
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' vdisk.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/vdisk.pc
 
 clean:

@@ -39,3 +39,9 @@ if gcc -o "$T/prog" "$T/prog.c" $(pkg-config --cflags --libs vdisk) 2> "$T/cc.lo
 else fail "program builds with pkg-config vdisk" "$(head -3 "$T/cc.log" | tr '\n' ' ')"; fi
 check "installed library creates, writes and reads an image" env LD_LIBRARY_PATH="$inst/lib" "$T/prog" "$T/img.raw"
 check "image has the data" cmp -n 4096 -i 8192:0 "$T/img.raw" <(head -c 4096 /dev/zero | tr '\0' 'Z')
+for m in man/*.1 man/*.8; do
+    [ -f "$m" ] || continue
+    sec=${m##*.}
+    check "man page $(basename "$m") installed" test -f "$inst/share/man/man$sec/$(basename "$m")"
+    check "man page $(basename "$m") renders" sh -c "man -l '$m' > /dev/null 2>&1 || groff -man -Tutf8 '$m' > /dev/null"
+done
