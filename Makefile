@@ -57,7 +57,10 @@ $(LIB_SO): $(LIB_OBJS)
 # Programs link the whole archive so that constructors (format and protocol
 # registration) are always kept.
 .SECONDEXPANSION:
-$(BUILD)/bin/%: $$(patsubst %.c,$(BUILD)/obj/%.o,$$(wildcard tools/$$*/*.c)) $(LIB_A)
+# Objects of programs are intermediate files to make: keep them (no relinking of everything).
+.PRECIOUS: $(BUILD)/obj/%.o
+# (no % inside the functions: make replaces it with the stem before expanding them)
+$(BUILD)/bin/%: $$(addprefix $(BUILD)/obj/,$$(addsuffix .o,$$(basename $$(wildcard tools/$$*/*.c)))) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $(filter %.o,$^) -Wl,--whole-archive $(LIB_A) -Wl,--no-whole-archive $(LIBS)
 
