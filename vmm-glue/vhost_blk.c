@@ -200,7 +200,7 @@ static int handle_rem_reg(struct vd_vhost_blk *b, struct vhu_msg *m)
     return 0;
 }
 
-static int handle_get_inflight(struct vd_vhost_blk *b, struct vhu_msg *m)
+static int handle_get_inflight(struct vd_vhost_blk *b, struct vhu_msg *m, int *reply_fd)
 {
     if (m->hdr.size < sizeof(struct vhu_inflight)) return -EINVAL;
     unsigned nq = m->inflight.num_queues, qs = m->inflight.queue_size;
@@ -220,8 +220,7 @@ static int handle_get_inflight(struct vd_vhost_blk *b, struct vhu_msg *m)
     m->inflight.mmap_size = size;
     m->inflight.mmap_offset = 0;
     m->hdr.size = sizeof(struct vhu_inflight);
-    m->fds[0] = fd;
-    m->nfds = 1;
+    *reply_fd = fd;
     return 0;
 }
 
@@ -273,7 +272,8 @@ static int handle_config(struct vd_vhost_blk *b, struct vhu_msg *m, bool set)
 
 /* Answer one message. Returns 0, -errno (reported with REPLY_ACK), or
  * -EPIPE style fatal errors through *fatal. */
-static int handle_msg(struct vd_vhost_blk *b, struct vhu_msg *m, bool *reply, bool *fatal)
+static int handle_msg(struct vd_vhost_blk *b, struct vhu_msg *m, bool *reply, bool *fatal,
+                      int *reply_fd)
 {
     struct vhb_queue *q;
     uint32_t idx;
@@ -413,7 +413,7 @@ static int handle_msg(struct vd_vhost_blk *b, struct vhu_msg *m, bool *reply, bo
     case VHU_SET_CONFIG:
         return handle_config(b, m, true);
     case VHU_GET_INFLIGHT_FD:
-        rc = handle_get_inflight(b, m);
+        rc = handle_get_inflight(b, m, reply_fd);
         if (rc < 0) { m->hdr.size = sizeof(struct vhu_inflight); memset(&m->inflight, 0, sizeof(m->inflight)); }
         *reply = true;
         return rc;
@@ -449,12 +449,13 @@ static void serve(struct vd_vhost_blk *b)
         }
         uint32_t req = m->hdr.request, need = m->hdr.flags & VHU_FLAG_NEED_REPLY;
         bool reply = false, fatal = false;
+        int reply_fd = -1;
         vd_err_clear();
-        rc = handle_msg(b, m, &reply, &fatal);
+        rc = handle_msg(b, m, &reply, &fatal, &reply_fd);
         vhu_msg_close_fds(m);          /* what the handler did not keep */
         if (rc < 0 && rc != -ENOTSUP)
             fprintf(stderr, "vdisk: vhost-user-blk %s: request %u: %s\n", b->path, req, vd_errmsg(rc));
-        if (fatal) break;
+        if (fatal) { if (reply_fd >= 0) close(reply_fd); break; }
         if (!reply && need && (b->pfeatures & VHU_BIT(VHU_PF_REPLY_ACK))) {
             m->u64 = rc < 0 ? (uint64_t)-rc : 0;
             m->hdr.size = 8;
@@ -463,9 +464,10 @@ static void serve(struct vd_vhost_blk *b)
         if (reply) {
             m->hdr.request = req;
             m->hdr.flags = VHU_VERSION | VHU_FLAG_REPLY;
-            if (req != VHU_GET_INFLIGHT_FD || rc < 0) m->nfds = 0;
+            m->nfds = 0;
+            if (reply_fd >= 0) m->fds[m->nfds++] = reply_fd;
             rc = vhu_msg_send(b->conn_fd, m);
-            if (req == VHU_GET_INFLIGHT_FD) vhu_msg_close_fds(m);
+            vhu_msg_close_fds(m);
             if (rc < 0) break;
         }
     }
