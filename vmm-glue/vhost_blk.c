@@ -642,8 +642,10 @@ void vd_vhost_blk_get_stats(struct vd_vhost_blk *b, struct vd_vhost_blk_stats *s
         S(requests, st_requests); S(reads, st_reads); S(writes, st_writes);
         S(flushes, st_flushes); S(discards, st_discards); S(write_zeroes, st_wz);
         S(errors, st_errors); S(bytes_read, st_bytes_read); S(bytes_written, st_bytes_written);
+        S(queue_requests[i], st_requests);
 #undef S
     }
+    st->num_queues = b->o.num_queues;
     pthread_mutex_lock(&b->lock);
     st->connections = b->connections;
     st->connected = b->connected;

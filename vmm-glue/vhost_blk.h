@@ -25,6 +25,8 @@ struct vd_vhost_blk_stats {
     uint64_t bytes_read, bytes_written;
     uint64_t connections;
     bool connected;
+    unsigned num_queues;
+    uint64_t queue_requests[64];   /* per virtqueue */
 };
 
 /* Listen on socket_path (replacing a stale socket file) and serve d, which

@@ -421,7 +421,11 @@ int vd_vhu_reconnect(struct vd_vhu *f, int timeout_ms)
         }
         clock_gettime(CLOCK_MONOTONIC, &t);
         long ms = (t.tv_sec - t0.tv_sec) * 1000 + (t.tv_nsec - t0.tv_nsec) / 1000000;
-        if (ms >= timeout_ms) return vd_err(rc, "%s: cannot reconnect: %s", f->path, vd_errmsg(rc));
+        if (ms >= timeout_ms) {
+            char why[256];
+            snprintf(why, sizeof(why), "%s", vd_errmsg(rc));
+            return vd_err(rc, "cannot reconnect: %s", why);
+        }
         usleep(20000);
     }
     for (unsigned i = 0; i < f->o.num_queues; i++) {

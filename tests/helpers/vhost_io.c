@@ -8,6 +8,7 @@
  *   --no-indirect --no-event-idx --no-inflight --split-memory
  *   --reconnect MS   survive back-end restarts (reconnect within MS)
  *   --expect FILE    write the image content `check` leaves (for qemu-img compare)
+ *   --rate N         at most N requests a second (keeps a job running for a while)
  * Exit status 0 when every request succeeded and every byte read was right. */
 #include <errno.h>
 #include <getopt.h>
@@ -30,12 +31,12 @@ static struct {
     enum mode mode;
     unsigned queues, qd;
     uint64_t bs, size, seed;
-    double runtime;
+    double runtime, rate;
     bool json;
     int reconnect_ms;
     const char *expect;
     struct vd_vhu_opts fo;
-} cfg = { M_CHECK, 1, 16, 65536, 0, 1, 5.0, false, 0, NULL, { 0 } };
+} cfg = { M_CHECK, 1, 16, 65536, 0, 1, 5.0, 0, false, 0, NULL, { 0 } };
 
 static struct vd_vhu *f;
 static uint8_t *bufs;
@@ -161,6 +162,7 @@ static int run_job(void)
     struct vd_vhu_done d[64];
     bool more = true;
     unsigned nq = cfg.queues;
+    double t_start = now();
     for (unsigned q = 0; q < nq && more; q++) {
         for (unsigned i = 0; i < cfg.qd && more; i++) {
             struct slot *s = &slots[q * cfg.qd + i];
@@ -171,6 +173,10 @@ static int run_job(void)
     for (;;) {
         int got = 0;
         unsigned pending = 0;
+        if (cfg.rate > 0) {      /* ahead of the rate: let the requests sit a while */
+            double ahead = issued / cfg.rate - (now() - t_start);
+            if (ahead > 0) usleep(ahead * 1e6 < 20000 ? ahead * 1e6 : 20000);
+        }
         for (unsigned q = 0; q < nq; q++) {
             int n = vd_vhu_reap(f, q, d, 64);
             got += n;
@@ -305,7 +311,7 @@ int main(int argc, char **argv)
         { "size", 1, 0, 's' }, { "runtime", 1, 0, 't' }, { "seed", 1, 0, 'S' }, { "json", 0, 0, 'j' },
         { "no-indirect", 0, 0, 'I' }, { "no-event-idx", 0, 0, 'E' }, { "no-inflight", 0, 0, 'F' },
         { "split-memory", 0, 0, 'M' }, { "reconnect", 1, 0, 'r' }, { "expect", 1, 0, 'x' },
-        { "queue-size", 1, 0, 'Q' }, { 0 } };
+        { "queue-size", 1, 0, 'Q' }, { "rate", 1, 0, 'R' }, { 0 } };
     static const char *modes[] = { "fill", "verify", "check", "randread", "randwrite", "seqread", "seqwrite" };
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -331,6 +337,7 @@ int main(int argc, char **argv)
         case 'r': cfg.reconnect_ms = atoi(optarg); break;
         case 'x': cfg.expect = optarg; break;
         case 'Q': cfg.fo.queue_size = atoi(optarg); break;
+        case 'R': cfg.rate = atof(optarg); break;
         default: return 2;
         }
     }

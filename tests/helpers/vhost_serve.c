@@ -84,6 +84,10 @@ int main(int argc, char **argv)
             (unsigned long long)st.writes, (unsigned long long)st.flushes,
             (unsigned long long)st.discards, (unsigned long long)st.write_zeroes,
             (unsigned long long)st.errors, (unsigned long long)st.connections);
+    fprintf(stderr, "vhost_serve: per-queue ");
+    for (unsigned i = 0; i < st.num_queues; i++)
+        fprintf(stderr, "%s%llu", i ? "," : "", (unsigned long long)st.queue_requests[i]);
+    fprintf(stderr, "\n");
     rc = vd_disk_close(d);
     return rc < 0 ? 1 : 0;
 }
