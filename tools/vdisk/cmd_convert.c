@@ -39,7 +39,7 @@ struct src {
     uint64_t size, base;        /* base: offset in the concatenation */
 };
 
-enum ckind { CK_READ, CK_ZERO, CK_SKIP };
+enum ckind { CK_READ, CK_ZERO, CK_SKIP, CK_ALLOC };   /* CK_ALLOC: zeros, allocated (-S 0) */
 
 struct cjob {                   /* one compressed cluster */
     struct chunk *ch;
@@ -101,7 +101,14 @@ struct conv {
     uint64_t ext_off, ext_len;
     unsigned ext_flags;
     int ext_depth;
+    /* early flushes: start write-back while copying, so the final flush
+     * has little left to do */
+    uint64_t unflushed;
+    bool flushing;
+    struct vd_req flush_req;
 };
+
+#define EARLY_FLUSH (64ull << 20)
 
 static void worker_fill(struct worker *w);
 static void launch(struct chunk *ch);
@@ -176,8 +183,8 @@ static int classify(struct conv *cv, int si, uint64_t soff, uint64_t *len, enum 
 
     if (cv->target_backing && !mine)
         *kind = CK_SKIP;                /* the target's backing file supplies it */
-    else if (zero && cv->sparse)
-        *kind = CK_ZERO;
+    else if (zero)
+        *kind = cv->sparse ? CK_ZERO : CK_ALLOC;
     else
         *kind = CK_READ;
 
@@ -192,7 +199,7 @@ static int classify(struct conv *cv, int si, uint64_t soff, uint64_t *len, enum 
                     return r;
                 bool z = cv->ext_flags & VD_EXT_ZERO;
                 bool m = (cv->ext_flags & VD_EXT_ALLOCATED) && cv->ext_depth == 0;
-                enum ckind k = cv->target_backing && !m ? CK_SKIP : z && cv->sparse ? CK_ZERO : CK_READ;
+                enum ckind k = cv->target_backing && !m ? CK_SKIP : z ? CK_ZERO : CK_READ;
                 if (k != *kind) {
                     *kind = CK_READ;
                     break;
@@ -248,17 +255,44 @@ out:
 
 /* ---- finishing ---- */
 
+static void early_flush_done(struct vd_req *r, int res)
+{
+    struct worker *w = r->opaque;
+    struct conv *cv = w->cv;
+    if (res < 0)
+        set_error(cv, res, "%s: error while flushing: %s", cv->dst_name, strerror(-res));
+    pthread_mutex_lock(&cv->lock);
+    cv->flushing = false;
+    pthread_mutex_unlock(&cv->lock);
+    w->inflight--;
+    worker_fill(w);
+}
+
 static void finish(struct chunk *ch)
 {
     struct worker *w = ch->w;
     struct conv *cv = w->cv;
+    bool flush = false;
     pthread_mutex_lock(&cv->lock);
     cv->done_bytes += ch->len;
     if (cv->progress && cv->total)
         vd_cli_progress(&cv->pr, (double)cv->done_bytes * 100.0 / (double)cv->total);
+    for (int i = 0; i < ch->nw; i++)
+        cv->unflushed += ch->wreq[i].len;
+    if (cv->unflushed >= EARLY_FLUSH && !cv->flushing && !cv->err && cv->next_off < cv->total) {
+        cv->flushing = flush = true;
+        cv->unflushed = 0;
+    }
     pthread_mutex_unlock(&cv->lock);
+    ch->nw = 0;
     ch->busy = false;
     w->inflight--;
+    if (flush) {
+        /* counted as in flight so that the worker waits for it */
+        w->inflight++;
+        cv->flush_req = (struct vd_req){ .op = VD_OP_FLUSH, .done = early_flush_done, .opaque = w };
+        vd_disk_submit(cv->dst, &cv->flush_req);
+    }
     worker_fill(w);
 }
 
@@ -541,6 +575,16 @@ static void start(struct chunk *ch)
         if (!cv->target_zero && !add_write(ch, VD_OP_WRITE_ZEROES, ch->off, ch->len, NULL))
             set_error(cv, -ENOMEM, "out of memory");
         break;
+    case CK_ALLOC: {
+        /* -S 0: fully allocated, but zeros need not be copied: write-zeroes
+         * without leave to deallocate */
+        struct vd_req *r = add_write(ch, VD_OP_WRITE_ZEROES, ch->off, ch->len, NULL);
+        if (!r)
+            set_error(cv, -ENOMEM, "out of memory");
+        else
+            r->flags = 0;
+        break;
+    }
     case CK_SKIP:
         break;
     }
