@@ -339,12 +339,18 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     if ((r = rbd_connect(st, &s, cache)) < 0) goto fail;
 
     if (flags & VD_FILE_CREATE) {
-        /* Created empty: the format sets the size through truncate. */
+        /* Created empty: the format sets the size through truncate. An
+         * existing image is never truncated (VD_FILE_TRUNC notwithstanding,
+         * as qemu-img does for rbd): a cluster's images are other hosts'
+         * disks, and a typo must not wipe one. */
         int order = 0;
         r = rbd_create(st->ioctx, s.image, 0, &order);
-        if (r == -EEXIST && (flags & VD_FILE_TRUNC)) r = 0;
-        else if (r == -EEXIST) { r = vd_err(r, "%s: the image already exists", st->label); goto fail; }
-        else if (r < 0) { r = vd_err(r, "%s: cannot create the image: %s", st->label, strerror(-r)); goto fail; }
+        if (r == -EEXIST) {
+            r = vd_err(r, "%s: the image already exists (remove it first with `rbd rm %s/%s%s%s`)",
+                       st->label, s.pool, s.ns ? s.ns : "", s.ns ? "/" : "", s.image);
+            goto fail;
+        }
+        if (r < 0) { r = vd_err(r, "%s: cannot create the image: %s", st->label, strerror(-r)); goto fail; }
     }
     if (st->readonly)
         r = rbd_open_read_only(st->ioctx, s.image, &st->image, s.snap);
@@ -352,10 +358,6 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
         r = rbd_open(st->ioctx, s.image, &st->image, NULL);
     if (r < 0) { st->image = NULL; r = open_error(st, &s, r); goto fail; }
     if (!st->readonly && !(flags & VD_FILE_NOLOCK) && (r = take_lock(st)) < 0) goto fail;
-    if (!st->readonly && (flags & VD_FILE_CREATE) && (flags & VD_FILE_TRUNC)) {
-        r = rbd_resize(st->image, 0);
-        if (r < 0) { r = vd_err(r, "%s: cannot truncate the image: %s", st->label, strerror(-r)); goto fail; }
-    }
     uint64_t size;
     r = rbd_get_size(st->image, &size);
     if (r < 0) { r = vd_err(r, "%s: cannot read the image size: %s", st->label, strerror(-r)); goto fail; }
@@ -720,7 +722,7 @@ static void rbd_submit_(struct vd_file *f, struct vd_io *io)
 
     if (io->op == VD_IO_WRITE) {
         if (st->readonly) { aio_fail(io, -EROFS); return; }
-        if ((r = grow_to(st, io->off + len)) < 0) { aio_fail(io, r); return; }
+        if (len && (r = grow_to(st, io->off + len)) < 0) { aio_fail(io, r); return; }
         bump(st);
     }
     if (io->op == VD_IO_READ && io->off >= atomic_load(&st->size)) {
