@@ -20,7 +20,7 @@ struct vd_open_opts {
     enum vd_cache cache;
     enum vd_aio aio;
     bool no_backing;           /* open the top layer only */
-    bool discard_unmap;        /* discard=unmap: free space on discard */
+    bool discard_ignore;       /* discard=ignore (default unmap: free space) */
     bool nolock;               /* do not take the image lock (read-only tools) */
 };
 
@@ -34,10 +34,7 @@ int  vd_disk_depth(const struct vd_disk *d);
 
 enum vd_op { VD_OP_READ, VD_OP_WRITE, VD_OP_FLUSH, VD_OP_DISCARD, VD_OP_WRITE_ZEROES };
 
-/* request flags */
-#define VD_REQ_FUA       0x1   /* write: durable when done */
-#define VD_REQ_MAY_UNMAP 0x2   /* write-zeroes: may deallocate */
-#define VD_REQ_FAST_ZERO 0x4   /* write-zeroes: fail -ENOTSUP rather than write zeros */
+/* request flags (VD_REQ_FUA, VD_REQ_MAY_UNMAP, VD_REQ_FAST_ZERO) are in format.h */
 
 struct vd_req {
     enum vd_op op;

@@ -1,0 +1,577 @@
+/* The per-thread event loop: epoll over fd watchers (level-triggered), a
+ * posted-work queue woken by an eventfd, one-shot timers kept in a sorted
+ * list (the epoll timeout is the next deadline), and the thread's I/O
+ * engine, whose completion eventfd is one more watcher. Loops may nest: a
+ * synchronous call made from a callback runs the same loop again, so all
+ * dispatch state lives on the stack and freed watchers are reclaimed only
+ * when the outermost dispatch ends. */
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <time.h>
+#include <unistd.h>
+#include "vdisk/loop.h"
+#include "vdisk/error.h"
+#include "block/engine_int.h"
+
+#define ENGINE_DEPTH 128
+
+struct watcher {
+    int fd;
+    uint32_t events;
+    vd_fd_cb cb;
+    void *opaque;
+    bool dead;
+    struct watcher *next_dead;
+};
+
+struct posted {
+    vd_fn fn;
+    void *opaque;
+    struct posted *next;
+};
+
+struct timer {
+    uint64_t id;
+    uint64_t deadline;      /* CLOCK_MONOTONIC ns */
+    vd_fn fn;
+    void *opaque;
+    struct timer *prev, *next;
+};
+
+struct vd_loop {
+    int epfd;
+    int post_fd;            /* eventfd: posted work or stop */
+    const struct vd_engine_ops *eops;
+    struct vd_engine *engine;
+    int engine_fd;
+
+    struct watcher **w;     /* indexed by fd */
+    int nw;
+    struct watcher *dead;   /* freed once no dispatch is running */
+    int depth;              /* nesting of run_once */
+
+    pthread_mutex_t post_lock;
+    struct posted *post_head, *post_tail;
+
+    struct timer *timers;   /* sorted by deadline */
+    uint64_t next_timer_id;
+
+    atomic_bool stop;
+    atomic_int offloads;    /* offloaded jobs whose done has not run yet */
+    bool lazy;              /* made by vd_loop_current(): freed at thread exit */
+};
+
+static __thread struct vd_loop *cur_loop;
+static pthread_key_t lazy_key;
+static pthread_once_t lazy_once = PTHREAD_ONCE_INIT;
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* ---- fd watchers ---- */
+
+static int grow_watchers(struct vd_loop *l, int fd)
+{
+    if (fd < l->nw)
+        return 0;
+    int n = l->nw ? l->nw : 64;
+    while (n <= fd)
+        n *= 2;
+    struct watcher **w = realloc(l->w, (size_t)n * sizeof(*w));
+    if (!w)
+        return -ENOMEM;
+    memset(w + l->nw, 0, (size_t)(n - l->nw) * sizeof(*w));
+    l->w = w;
+    l->nw = n;
+    return 0;
+}
+
+int vd_loop_add_fd(struct vd_loop *l, int fd, uint32_t events, vd_fd_cb cb, void *opaque)
+{
+    if (fd < 0 || !cb)
+        return -EINVAL;
+    int r = grow_watchers(l, fd);
+    if (r < 0)
+        return r;
+    if (l->w[fd])
+        return -EEXIST;
+    struct watcher *w = calloc(1, sizeof(*w));
+    if (!w)
+        return -ENOMEM;
+    *w = (struct watcher){ .fd = fd, .events = events, .cb = cb, .opaque = opaque };
+    struct epoll_event ev = { .events = events, .data.ptr = w };
+    if (epoll_ctl(l->epfd, EPOLL_CTL_ADD, fd, &ev) < 0) {
+        r = -errno;
+        free(w);
+        return r;
+    }
+    l->w[fd] = w;
+    return 0;
+}
+
+int vd_loop_mod_fd(struct vd_loop *l, int fd, uint32_t events)
+{
+    if (fd < 0 || fd >= l->nw || !l->w[fd])
+        return -ENOENT;
+    struct watcher *w = l->w[fd];
+    if (w->events == events)
+        return 0;
+    struct epoll_event ev = { .events = events, .data.ptr = w };
+    if (epoll_ctl(l->epfd, EPOLL_CTL_MOD, fd, &ev) < 0)
+        return -errno;
+    w->events = events;
+    return 0;
+}
+
+static void reclaim_dead(struct vd_loop *l)
+{
+    while (l->dead) {
+        struct watcher *w = l->dead;
+        l->dead = w->next_dead;
+        free(w);
+    }
+}
+
+void vd_loop_del_fd(struct vd_loop *l, int fd)
+{
+    if (fd < 0 || fd >= l->nw || !l->w[fd])
+        return;
+    struct watcher *w = l->w[fd];
+    /* The fd may already be closed (then epoll forgot it by itself). */
+    epoll_ctl(l->epfd, EPOLL_CTL_DEL, fd, NULL);
+    l->w[fd] = NULL;
+    w->dead = true;
+    w->next_dead = l->dead;
+    l->dead = w;
+    if (l->depth == 0)
+        reclaim_dead(l);
+}
+
+/* ---- posted work ---- */
+
+static void wake(struct vd_loop *l)
+{
+    uint64_t one = 1;
+    while (write(l->post_fd, &one, sizeof(one)) < 0 && errno == EINTR)
+        ;
+}
+
+void vd_loop_post(struct vd_loop *l, vd_fn fn, void *opaque)
+{
+    struct posted *p = malloc(sizeof(*p));
+    if (!p)
+        abort();        /* losing work silently would be worse */
+    *p = (struct posted){ .fn = fn, .opaque = opaque };
+    pthread_mutex_lock(&l->post_lock);
+    bool was_empty = !l->post_head;
+    if (l->post_tail)
+        l->post_tail->next = p;
+    else
+        l->post_head = p;
+    l->post_tail = p;
+    pthread_mutex_unlock(&l->post_lock);
+    if (was_empty)
+        wake(l);
+}
+
+static int run_posted(struct vd_loop *l)
+{
+    uint64_t cnt;
+    /* Read the eventfd before taking the list: a post that lands after the
+     * take finds the list empty and wakes us again. */
+    if (read(l->post_fd, &cnt, sizeof(cnt)) < 0 && errno != EAGAIN)
+        return 0;
+    pthread_mutex_lock(&l->post_lock);
+    struct posted *p = l->post_head;
+    l->post_head = l->post_tail = NULL;
+    pthread_mutex_unlock(&l->post_lock);
+    int n = 0;
+    while (p) {
+        struct posted *next = p->next;
+        vd_fn fn = p->fn;
+        void *opaque = p->opaque;
+        free(p);
+        fn(opaque);
+        n++;
+        p = next;
+    }
+    return n;
+}
+
+static void post_cb(struct vd_loop *l, int fd, uint32_t events, void *opaque)
+{
+    run_posted(l);
+}
+
+static void engine_cb(struct vd_loop *l, int fd, uint32_t events, void *opaque)
+{
+    l->eops->reap(l->engine);
+}
+
+/* ---- timers ---- */
+
+uint64_t vd_loop_timer(struct vd_loop *l, uint64_t ms, vd_fn fn, void *opaque)
+{
+    struct timer *t = calloc(1, sizeof(*t));
+    if (!t)
+        abort();
+    if (ms > UINT64_MAX / 2000000u)
+        ms = UINT64_MAX / 2000000u;
+    t->id = ++l->next_timer_id;
+    t->deadline = now_ns() + ms * 1000000u;
+    t->fn = fn;
+    t->opaque = opaque;
+    /* New timers usually fire last: search from the tail. */
+    struct timer *after = NULL;
+    if (l->timers) {
+        struct timer *last = l->timers;
+        while (last->next)
+            last = last->next;
+        for (after = last; after && after->deadline > t->deadline; after = after->prev)
+            ;
+    }
+    if (after) {
+        t->prev = after;
+        t->next = after->next;
+        if (after->next)
+            after->next->prev = t;
+        after->next = t;
+    } else {
+        t->next = l->timers;
+        if (l->timers)
+            l->timers->prev = t;
+        l->timers = t;
+    }
+    return t->id;
+}
+
+static void unlink_timer(struct vd_loop *l, struct timer *t)
+{
+    if (t->prev)
+        t->prev->next = t->next;
+    else
+        l->timers = t->next;
+    if (t->next)
+        t->next->prev = t->prev;
+}
+
+void vd_loop_cancel_timer(struct vd_loop *l, uint64_t id)
+{
+    for (struct timer *t = l->timers; t; t = t->next) {
+        if (t->id == id) {
+            unlink_timer(l, t);
+            free(t);
+            return;
+        }
+    }
+}
+
+static int run_timers(struct vd_loop *l)
+{
+    /* Only timers that exist now: one that re-arms itself for 0 ms waits
+     * for the next iteration instead of spinning here. */
+    uint64_t now = now_ns(), last_id = l->next_timer_id;
+    int n = 0;
+    for (;;) {
+        struct timer *t = l->timers;
+        while (t && t->id > last_id && t->deadline <= now)
+            t = t->next;
+        if (!t || t->deadline > now)
+            break;
+        unlink_timer(l, t);
+        vd_fn fn = t->fn;
+        void *opaque = t->opaque;
+        free(t);
+        fn(opaque);
+        n++;
+    }
+    return n;
+}
+
+/* ---- the loop ---- */
+
+static void free_lazy(void *p)
+{
+    struct vd_loop *l = p;
+    if (l && l->lazy)
+        vd_loop_free(l);
+}
+
+static void make_key(void)
+{
+    pthread_key_create(&lazy_key, free_lazy);
+}
+
+static int engine_start(struct vd_loop *l, enum vd_aio aio)
+{
+    static const struct vd_engine_ops *const order[] = {
+        &vd_engine_io_uring, &vd_engine_aio, &vd_engine_threads,
+    };
+    const struct vd_engine_ops *ops = vd_engine_pick(aio);
+    int r = ops->init(&l->engine, ENGINE_DEPTH);
+    if (r < 0 && aio == VD_AIO_DEFAULT) {
+        /* The default engine may still fail here (resource limits): fall
+         * back along io_uring → native → threads. */
+        size_t i = 0;
+        while (order[i] != ops)
+            i++;
+        for (i++; r < 0 && i < sizeof(order) / sizeof(order[0]); i++) {
+            ops = order[i];
+            r = ops->init(&l->engine, ENGINE_DEPTH);
+        }
+    }
+    if (r < 0)
+        return vd_err(r, "cannot start the %s I/O engine: %s", ops->name, strerror(-r));
+    l->eops = ops;
+    l->engine_fd = ops->event_fd(l->engine);
+    return 0;
+}
+
+int vd_loop_new(enum vd_aio aio, struct vd_loop **out)
+{
+    struct vd_loop *l = calloc(1, sizeof(*l));
+    int r;
+    if (!l)
+        return -ENOMEM;
+    l->post_fd = l->engine_fd = -1;
+    pthread_mutex_init(&l->post_lock, NULL);
+    l->epfd = epoll_create1(EPOLL_CLOEXEC);
+    if (l->epfd < 0) {
+        r = vd_err(-errno, "epoll_create1: %s", strerror(errno));
+        goto fail;
+    }
+    l->post_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (l->post_fd < 0) {
+        r = vd_err(-errno, "eventfd: %s", strerror(errno));
+        goto fail;
+    }
+    r = engine_start(l, aio);
+    if (r < 0)
+        goto fail;
+    r = vd_loop_add_fd(l, l->post_fd, EPOLLIN, post_cb, NULL);
+    if (r == 0)
+        r = vd_loop_add_fd(l, l->engine_fd, EPOLLIN, engine_cb, NULL);
+    if (r < 0) {
+        vd_err(r, "epoll_ctl: %s", strerror(-r));
+        goto fail;
+    }
+    cur_loop = l;
+    *out = l;
+    return 0;
+fail:
+    vd_loop_free(l);
+    return r;
+}
+
+void vd_loop_free(struct vd_loop *l)
+{
+    if (!l)
+        return;
+    /* Offloaded work will post its completion here: wait for it. */
+    while (atomic_load(&l->offloads) > 0)
+        vd_loop_run_once(l, 100);
+    if (l->engine) {
+        vd_loop_del_fd(l, l->engine_fd);
+        l->eops->fini(l->engine);
+    }
+    if (l->post_fd >= 0) {
+        vd_loop_del_fd(l, l->post_fd);
+        close(l->post_fd);
+    }
+    for (int i = 0; i < l->nw; i++)
+        free(l->w[i]);
+    free(l->w);
+    reclaim_dead(l);
+    while (l->timers) {
+        struct timer *t = l->timers;
+        l->timers = t->next;
+        free(t);
+    }
+    while (l->post_head) {
+        struct posted *p = l->post_head;
+        l->post_head = p->next;
+        free(p);
+    }
+    if (l->epfd >= 0)
+        close(l->epfd);
+    pthread_mutex_destroy(&l->post_lock);
+    if (cur_loop == l)
+        cur_loop = NULL;
+    if (l->lazy)
+        pthread_setspecific(lazy_key, NULL);
+    free(l);
+}
+
+struct vd_loop *vd_loop_current(void)
+{
+    if (cur_loop)
+        return cur_loop;
+    struct vd_loop *l;
+    if (vd_loop_new(VD_AIO_DEFAULT, &l) < 0)
+        return NULL;
+    /* Freed when the thread exits (nbdkit workers, helper threads). */
+    pthread_once(&lazy_once, make_key);
+    l->lazy = true;
+    pthread_setspecific(lazy_key, l);
+    return l;
+}
+
+const char *vd_loop_engine_name(struct vd_loop *l)
+{
+    return l->eops->name;
+}
+
+void vd_loop_submit_io(struct vd_loop *l, struct vd_io *io)
+{
+    io->loop = l;
+    if (io->file && io->file->proto && io->file->proto->submit)
+        io->file->proto->submit(io->file, io);
+    else
+        l->eops->submit(l->engine, io);
+}
+
+int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
+{
+    struct epoll_event ev[64];
+    struct vd_loop *prev = cur_loop;
+    int n, done = 0;
+
+    cur_loop = l;       /* callbacks that submit work land on this loop */
+    l->eops->flush(l->engine);
+    if (l->timers) {
+        uint64_t now = now_ns();
+        int64_t wait_ms = 0;
+        if (l->timers->deadline > now)
+            wait_ms = (int64_t)((l->timers->deadline - now + 999999) / 1000000);
+        if (timeout_ms < 0 || wait_ms < timeout_ms)
+            timeout_ms = (int)(wait_ms > 3600000 ? 3600000 : wait_ms);
+    }
+    n = epoll_wait(l->epfd, ev, 64, timeout_ms);
+    if (n < 0) {
+        int r = errno == EINTR ? 0 : -errno;
+        cur_loop = prev;
+        return r;
+    }
+    l->depth++;
+    for (int i = 0; i < n; i++) {
+        struct watcher *w = ev[i].data.ptr;
+        if (w->dead)
+            continue;
+        w->cb(l, w->fd, ev[i].events, w->opaque);
+        done++;
+    }
+    if (l->timers)
+        done += run_timers(l);
+    l->eops->flush(l->engine);
+    if (--l->depth == 0)
+        reclaim_dead(l);
+    cur_loop = prev;
+    return done;
+}
+
+void vd_loop_run(struct vd_loop *l)
+{
+    while (!atomic_load(&l->stop))
+        vd_loop_run_once(l, -1);
+    atomic_store(&l->stop, false);
+}
+
+void vd_loop_stop(struct vd_loop *l)
+{
+    atomic_store(&l->stop, true);
+    wake(l);
+}
+
+/* ---- the shared worker pool ---- */
+
+struct job {
+    vd_fn fn, done;
+    void *opaque;
+    struct vd_loop *loop;
+    struct job *next;
+};
+
+static struct {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    struct job *head, *tail;
+    int nthreads;
+} pool = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0 };
+
+static void job_done(void *opaque)
+{
+    struct job *j = opaque;
+    struct vd_loop *l = j->loop;
+    if (j->done)
+        j->done(j->opaque);
+    free(j);
+    atomic_fetch_sub(&l->offloads, 1);
+}
+
+static void *pool_worker(void *arg)
+{
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        while (!pool.head)
+            pthread_cond_wait(&pool.cond, &pool.lock);
+        struct job *j = pool.head;
+        pool.head = j->next;
+        if (!pool.head)
+            pool.tail = NULL;
+        pthread_mutex_unlock(&pool.lock);
+        j->fn(j->opaque);
+        vd_loop_post(j->loop, job_done, j);
+        pthread_mutex_lock(&pool.lock);
+    }
+    return NULL;
+}
+
+static int pool_size(void)
+{
+    const char *s = getenv("VDISK_WORKERS");
+    int n = s ? atoi(s) : 0;
+    return n > 0 && n <= 64 ? n : 2;
+}
+
+void vd_loop_offload(struct vd_loop *l, vd_fn fn, vd_fn done, void *opaque)
+{
+    struct job *j = malloc(sizeof(*j));
+    if (!j)
+        abort();
+    *j = (struct job){ .fn = fn, .done = done, .opaque = opaque, .loop = l };
+    atomic_fetch_add(&l->offloads, 1);
+    pthread_mutex_lock(&pool.lock);
+    if (pool.nthreads == 0) {
+        int want = pool_size();
+        for (int i = 0; i < want; i++) {
+            pthread_t t;
+            if (pthread_create(&t, NULL, pool_worker, NULL) == 0) {
+                pthread_detach(t);
+                pool.nthreads++;
+            }
+        }
+    }
+    if (pool.nthreads == 0) {
+        /* No thread could be started: run it here, finish it later. */
+        pthread_mutex_unlock(&pool.lock);
+        fn(opaque);
+        vd_loop_post(l, job_done, j);
+        return;
+    }
+    if (pool.tail)
+        pool.tail->next = j;
+    else
+        pool.head = j;
+    pool.tail = j;
+    pthread_cond_signal(&pool.cond);
+    pthread_mutex_unlock(&pool.lock);
+}

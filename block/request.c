@@ -1,0 +1,674 @@
+/* The asynchronous data path. A request is split along the top layer's map:
+ * data ranges become host I/O on the thread's loop, zero ranges are filled
+ * in memory, unallocated ranges go to the layer below, compressed units are
+ * decompressed by the driver. Writes to ranges that are not yet data get a
+ * place from the driver (alloc), the data is written (with copy-on-write of
+ * the rest of the unit), then the driver links it (commit).
+ *
+ * Every request holds one reference for its issuer plus one per sub-op in
+ * flight (r->pending); the last one out completes the request. */
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include "vdisk/error.h"
+#include "disk_internal.h"
+
+#define INLINE_IOV 4
+
+struct subio {
+    struct vd_io io;
+    struct vd_req *r;
+    struct vd_layer *l;         /* allocating write: the layer to commit in */
+    struct vd_alloc a;
+    bool has_alloc;
+    void *bounce;               /* freed when done */
+    struct iovec inl[INLINE_IOV];
+};
+
+/* A write that waits for an allocation in flight in the same unit. */
+struct waiter {
+    struct vd_req *r;
+    struct vd_layer *l;
+    uint64_t off, len;
+    size_t pos;                 /* offset of off in the request's buffers */
+    struct waiter *next;
+};
+
+static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint64_t len, size_t pos);
+static void flush_start(struct vd_req *r);
+
+/* ---- references ---- */
+
+static void req_finish(struct vd_req *r)
+{
+    if (r->err == 0 && r->op != VD_OP_FLUSH && (r->flags & VD_REQ_FUA) &&
+        !r->disk->readonly) {
+        r->flags &= ~VD_REQ_FUA;     /* FUA: a flush after the write, once */
+        r->pending = 1;
+        flush_start(r);
+        return;
+    }
+    r->done(r, r->err);
+}
+
+static void req_put(struct vd_req *r, int err)
+{
+    if (err < 0 && r->err == 0)
+        r->err = err;
+    if (--r->pending == 0)
+        req_finish(r);
+}
+
+/* ---- buffers ---- */
+
+/* The iovec entries covering [pos, pos+len) of the request's buffers. */
+static int iov_slice(const struct vd_req *r, size_t pos, size_t len,
+                     struct iovec *inl, struct iovec **out)
+{
+    int i = 0, n = 0;
+    while (i < r->iovcnt && pos >= r->iov[i].iov_len) {
+        pos -= r->iov[i].iov_len;
+        i++;
+    }
+    int first = i;
+    size_t left = len + pos;
+    while (i < r->iovcnt && left > 0) {
+        left -= left < r->iov[i].iov_len ? left : r->iov[i].iov_len;
+        i++;
+        n++;
+    }
+    struct iovec *v = n <= INLINE_IOV ? inl : malloc(sizeof(*v) * (size_t)n);
+    if (!v)
+        return -ENOMEM;
+    size_t want = len;
+    for (int k = 0; k < n; k++) {
+        const struct iovec *src = &r->iov[first + k];
+        size_t skip = k == 0 ? pos : 0;
+        size_t take = src->iov_len - skip;
+        if (take > want)
+            take = want;
+        v[k].iov_base = (char *)src->iov_base + skip;
+        v[k].iov_len = take;
+        want -= take;
+    }
+    *out = v;
+    return n;
+}
+
+static void buf_op(const struct vd_req *r, size_t pos, size_t len, void *copy_out, bool zero)
+{
+    int i = 0;
+    char *dst = copy_out;
+    while (i < r->iovcnt && pos >= r->iov[i].iov_len) {
+        pos -= r->iov[i].iov_len;
+        i++;
+    }
+    for (; i < r->iovcnt && len; i++) {
+        size_t take = r->iov[i].iov_len - pos;
+        if (take > len)
+            take = len;
+        char *p = (char *)r->iov[i].iov_base + pos;
+        if (zero)
+            memset(p, 0, take);
+        else {
+            memcpy(dst, p, take);
+            dst += take;
+        }
+        len -= take;
+        pos = 0;
+    }
+}
+
+static void buf_zero(const struct vd_req *r, size_t pos, size_t len) { buf_op(r, pos, len, NULL, true); }
+static void buf_copy_out(const struct vd_req *r, size_t pos, size_t len, void *dst) { buf_op(r, pos, len, dst, false); }
+
+static void buf_copy_in(const struct vd_req *r, size_t pos, size_t len, const void *src)
+{
+    int i = 0;
+    const char *s = src;
+    while (i < r->iovcnt && pos >= r->iov[i].iov_len) {
+        pos -= r->iov[i].iov_len;
+        i++;
+    }
+    for (; i < r->iovcnt && len; i++) {
+        size_t take = r->iov[i].iov_len - pos;
+        if (take > len)
+            take = len;
+        memcpy((char *)r->iov[i].iov_base + pos, s, take);
+        s += take;
+        len -= take;
+        pos = 0;
+    }
+}
+
+static bool all_zero(const void *p, size_t len)
+{
+    const unsigned char *c = p;
+    if (len == 0)
+        return true;
+    return c[0] == 0 && memcmp(c, c + 1, len - 1) == 0;
+}
+
+/* ---- host I/O ---- */
+
+static void subio_free(struct subio *s)
+{
+    if (s->io.iov && s->io.iov != s->inl)
+        free(s->io.iov);
+    free(s->bounce);
+    free(s);
+}
+
+static bool io_aligned(const struct vd_io *io)
+{
+    uint64_t a = io->file->align;
+    if (a <= 1)
+        return true;
+    if (io->off % a)
+        return false;
+    for (int i = 0; i < io->iovcnt; i++)
+        if ((uintptr_t)io->iov[i].iov_base % a || io->iov[i].iov_len % a)
+            return false;
+    return true;
+}
+
+/* Direct files need aligned buffers; the rare unaligned request is done
+ * synchronously through the file's bounce buffers. */
+static void submit_host(struct vd_req *r, struct subio *s)
+{
+    struct vd_io *io = &s->io;
+    if (io->op == VD_IO_SYNC || io_aligned(io)) {
+        vd_loop_submit_io(r->loop, io);
+        return;
+    }
+    int res = 0;
+    uint64_t off = io->off;
+    for (int i = 0; i < io->iovcnt && res == 0; i++) {
+        res = io->op == VD_IO_READ
+            ? vd_file_pread(io->file, io->iov[i].iov_base, io->iov[i].iov_len, off)
+            : vd_file_pwrite(io->file, io->iov[i].iov_base, io->iov[i].iov_len, off);
+        off += io->iov[i].iov_len;
+    }
+    io->done(io, res);
+}
+
+static void read_done(struct vd_io *io, int res)
+{
+    struct subio *s = (struct subio *)io;
+    struct vd_req *r = s->r;
+    if (res < 0)
+        vd_err(res, "%s: read at offset %llu failed: %s", io->file->name,
+               (unsigned long long)io->off, vd_errmsg(res));
+    subio_free(s);
+    req_put(r, res);
+}
+
+static struct subio *subio_new(struct vd_req *r, enum vd_io_op op, struct vd_file *f,
+                               uint64_t host_off, void (*done)(struct vd_io *, int))
+{
+    struct subio *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->r = r;
+    s->io.op = op;
+    s->io.file = f;
+    s->io.off = host_off;
+    s->io.done = done;
+    s->io.opaque = s;
+    return s;
+}
+
+static int submit_slice(struct vd_req *r, enum vd_io_op op, struct vd_file *f, uint64_t host_off,
+                        size_t pos, size_t len, void (*done)(struct vd_io *, int))
+{
+    struct subio *s = subio_new(r, op, f, host_off, done);
+    if (!s)
+        return -ENOMEM;
+    int n = iov_slice(r, pos, len, s->inl, &s->io.iov);
+    if (n < 0) {
+        free(s);
+        return n;
+    }
+    s->io.iovcnt = n;
+    r->pending++;
+    submit_host(r, s);
+    return 0;
+}
+
+/* ---- reads ---- */
+
+static int read_compressed(struct vd_req *r, struct vd_layer *l, uint64_t off, uint64_t n,
+                           size_t pos, const struct vd_map *m)
+{
+    if (!l->fmt->read_compressed || !m->comp_unit)
+        return vd_err(-EIO, "%s: compressed data at offset %llu but no decompressor",
+                      l->filename, (unsigned long long)off);
+    void *buf = malloc(m->comp_unit);
+    if (!buf)
+        return -ENOMEM;
+    pthread_mutex_lock(&l->lock);
+    int ret = l->fmt->read_compressed(l, m, buf);
+    pthread_mutex_unlock(&l->lock);
+    if (ret == 0) {
+        uint64_t skip = off - m->comp_voff;
+        if (skip + n > m->comp_unit)
+            ret = vd_err(-EIO, "%s: compressed unit at %llu is shorter than its mapping",
+                         l->filename, (unsigned long long)m->comp_voff);
+        else
+            buf_copy_in(r, pos, (size_t)n, (char *)buf + skip);
+    }
+    free(buf);
+    return ret;
+}
+
+/* Issue the reads for [off, off+len) of layer l into the request buffers at pos. */
+static int read_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint64_t len, size_t pos)
+{
+    while (len) {
+        if (off >= l->size) {            /* past a shorter backing file */
+            buf_zero(r, pos, (size_t)len);
+            return 0;
+        }
+        uint64_t want = len < l->size - off ? len : l->size - off;
+        struct vd_map m = {0};
+        pthread_mutex_lock(&l->lock);
+        int ret = l->fmt->map(l, off, want, 0, &m);
+        pthread_mutex_unlock(&l->lock);
+        if (ret < 0)
+            return ret;
+        uint64_t n = m.len < want ? m.len : want;
+        if (n == 0)
+            return vd_err(-EIO, "%s: format mapped no bytes at offset %llu", l->filename,
+                          (unsigned long long)off);
+        switch (m.kind) {
+        case VD_MAP_DATA:
+            ret = submit_slice(r, VD_IO_READ, m.file, m.host_off, pos, (size_t)n, read_done);
+            break;
+        case VD_MAP_ZERO:
+            buf_zero(r, pos, (size_t)n);
+            break;
+        case VD_MAP_UNALLOC:
+            if (l->backing)
+                ret = read_range(r, l->backing, off, n, pos);
+            else
+                buf_zero(r, pos, (size_t)n);
+            break;
+        case VD_MAP_COMPRESSED:
+            ret = read_compressed(r, l, off, n, pos, &m);
+            break;
+        }
+        if (ret < 0)
+            return ret;
+        off += n;
+        len -= n;
+        pos += (size_t)n;
+    }
+    return 0;
+}
+
+/* ---- allocating writes ---- */
+
+static struct vd_inflight *inflight_find(struct vd_layer *l, uint64_t start, uint64_t end)
+{
+    for (struct vd_inflight *f = l->inflight; f; f = f->next)
+        if (f->start < end && start < f->end)
+            return f;
+    return NULL;
+}
+
+static void waiter_run(void *opaque)
+{
+    struct waiter *w = opaque;
+    struct vd_req *r = w->r;
+    write_range(r, w->l, w->off, w->len, w->pos);
+    free(w);
+    req_put(r, 0);       /* the reference the waiter held */
+}
+
+/* Unlink a's in-flight record and wake the writes that waited on it. */
+static void inflight_end(struct vd_layer *l, uint64_t start)
+{
+    struct waiter *ws = NULL;
+    for (struct vd_inflight **p = &l->inflight; *p; p = &(*p)->next)
+        if ((*p)->start == start) {
+            struct vd_inflight *f = *p;
+            *p = f->next;
+            ws = f->waiters;
+            free(f);
+            break;
+        }
+    while (ws) {
+        struct waiter *next = ws->next;
+        vd_loop_post(ws->r->loop, waiter_run, ws);
+        ws = next;
+    }
+}
+
+static void unit_span(const struct vd_layer *l, uint64_t off, uint64_t len, uint64_t *s, uint64_t *e)
+{
+    uint64_t u = l->alloc_unit ? l->alloc_unit : 1;
+    *s = off / u * u;
+    *e = (off + len + u - 1) / u * u;
+}
+
+static void alloc_write_done(struct vd_io *io, int res)
+{
+    struct subio *s = (struct subio *)io;
+    struct vd_req *r = s->r;
+    struct vd_layer *l = s->l;
+    uint64_t us, ue;
+    unit_span(l, s->a.fill_off, s->a.fill_len, &us, &ue);
+    pthread_mutex_lock(&l->lock);
+    int c = l->fmt->commit ? l->fmt->commit(l, &s->a, res) : 0;
+    inflight_end(l, us);
+    pthread_mutex_unlock(&l->lock);
+    if (res == 0)
+        res = c;
+    subio_free(s);
+    req_put(r, res);
+}
+
+static void write_done(struct vd_io *io, int res)
+{
+    struct subio *s = (struct subio *)io;
+    struct vd_req *r = s->r;
+    subio_free(s);
+    req_put(r, res);
+}
+
+/* Write the data of [a->off, a->off+a->len) into its new place, with the
+ * rest of the fill span copied from what the layer reads there now. */
+static int alloc_write(struct vd_req *r, struct vd_layer *l, const struct vd_alloc *a, size_t pos)
+{
+    struct subio *s = subio_new(r, VD_IO_WRITE, a->file, a->host_off, alloc_write_done);
+    if (!s)
+        return -ENOMEM;
+    s->l = l;
+    s->a = *a;
+    s->has_alloc = true;
+    uint64_t head = a->off - a->fill_off;
+    uint64_t tail = a->fill_off + a->fill_len - (a->off + a->len);
+    int ret = 0;
+    if (head == 0 && tail == 0) {
+        int n = iov_slice(r, pos, (size_t)a->len, s->inl, &s->io.iov);
+        if (n < 0) {
+            free(s);
+            return n;
+        }
+        s->io.iovcnt = n;
+    } else {
+        char *b = vd_alloc_aligned((size_t)a->fill_len);
+        if (!b) {
+            free(s);
+            return -ENOMEM;
+        }
+        s->bounce = b;
+        if (head)
+            ret = vd_layer_pread(l, b, (size_t)head, a->fill_off);
+        if (ret == 0 && tail)
+            ret = vd_layer_pread(l, b + head + a->len, (size_t)tail, a->off + a->len);
+        buf_copy_out(r, pos, (size_t)a->len, b + head);
+        s->inl[0].iov_base = b;
+        s->inl[0].iov_len = (size_t)a->fill_len;
+        s->io.iov = s->inl;
+        s->io.iovcnt = 1;
+        /* A fresh place already reads as zeros: skip writing zero fill. */
+        if (ret == 0 && a->fresh && all_zero(b, (size_t)head) &&
+            all_zero(b + head + a->len, (size_t)tail)) {
+            s->inl[0].iov_base = b + head;
+            s->inl[0].iov_len = (size_t)a->len;
+            s->io.off = a->host_off + head;
+        }
+    }
+    r->pending++;
+    if (ret < 0) {
+        alloc_write_done(&s->io, ret);
+        return 0;
+    }
+    submit_host(r, s);
+    return 0;
+}
+
+/* Issue the writes for [off, off+len) of layer l from the request buffers at pos. */
+static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint64_t len, size_t pos)
+{
+    int ret = 0;
+    while (len && ret == 0) {
+        struct vd_map m = {0};
+        pthread_mutex_lock(&l->lock);
+        ret = l->fmt->map(l, off, len, VD_MAP_F_WRITE, &m);
+        if (ret < 0) {
+            pthread_mutex_unlock(&l->lock);
+            break;
+        }
+        uint64_t n = m.len < len ? m.len : len;
+        if (m.kind == VD_MAP_DATA && n) {
+            pthread_mutex_unlock(&l->lock);
+            ret = submit_slice(r, VD_IO_WRITE, m.file, m.host_off, pos, (size_t)n, write_done);
+        } else if (!l->fmt->alloc) {
+            pthread_mutex_unlock(&l->lock);
+            ret = vd_err(-EIO, "%s: offset %llu is not writable in this image", l->filename,
+                         (unsigned long long)off);
+            break;
+        } else {
+            uint64_t us, ue;
+            unit_span(l, off, n ? n : len, &us, &ue);
+            struct vd_inflight *busy = inflight_find(l, us, ue);
+            if (busy) {             /* wait for it, then carry on from here */
+                struct waiter *w = malloc(sizeof(*w));
+                if (!w) {
+                    pthread_mutex_unlock(&l->lock);
+                    ret = -ENOMEM;
+                    break;
+                }
+                *w = (struct waiter){ .r = r, .l = l, .off = off, .len = len, .pos = pos,
+                                      .next = busy->waiters };
+                busy->waiters = w;
+                r->pending++;
+                pthread_mutex_unlock(&l->lock);
+                return;
+            }
+            struct vd_alloc a = {0};
+            ret = l->fmt->alloc(l, off, len, &a);
+            if (ret == 0 && (a.off != off || a.len == 0 || a.len > len || a.fill_off > a.off ||
+                             a.fill_off + a.fill_len < a.off + a.len))
+                ret = vd_err(-EIO, "%s: bad allocation for offset %llu", l->filename,
+                             (unsigned long long)off);
+            if (ret < 0) {
+                pthread_mutex_unlock(&l->lock);
+                break;
+            }
+            struct vd_inflight *f = calloc(1, sizeof(*f));
+            if (!f) {
+                if (l->fmt->commit)
+                    l->fmt->commit(l, &a, -ENOMEM);
+                pthread_mutex_unlock(&l->lock);
+                ret = -ENOMEM;
+                break;
+            }
+            unit_span(l, a.fill_off, a.fill_len, &f->start, &f->end);
+            f->next = l->inflight;
+            l->inflight = f;
+            pthread_mutex_unlock(&l->lock);
+            ret = alloc_write(r, l, &a, pos);
+            n = a.len;
+        }
+        off += n;
+        len -= n;
+        pos += (size_t)n;
+    }
+    if (ret < 0 && r->err == 0)
+        r->err = ret;
+}
+
+/* ---- flush, discard, zeroes ---- */
+
+static void sync_done(struct vd_io *io, int res)
+{
+    struct subio *s = (struct subio *)io;
+    struct vd_req *r = s->r;
+    if (res < 0)
+        vd_err(res, "%s: flush failed: %s", io->file->name, vd_errmsg(res));
+    subio_free(s);
+    req_put(r, res);
+}
+
+/* Write the top layer's metadata out, then sync its file on the engine. */
+static void flush_start(struct vd_req *r)
+{
+    struct vd_layer *l = r->disk->top;
+    int ret = 0;
+    if (l->fmt->flush) {
+        pthread_mutex_lock(&l->lock);
+        ret = l->fmt->flush(l);
+        pthread_mutex_unlock(&l->lock);
+    }
+    if (ret == 0) {
+        struct subio *s = subio_new(r, VD_IO_SYNC, l->file, 0, sync_done);
+        if (!s)
+            ret = -ENOMEM;
+        else {
+            r->pending++;
+            submit_host(r, s);
+        }
+    }
+    req_put(r, ret);
+}
+
+struct zero_state {
+    struct vd_req sub;
+    struct vd_req *parent;
+    uint64_t off, end;
+    struct iovec iov;
+    bool issuing, completed_inline;
+    int res;
+};
+
+#define ZERO_CHUNK (1u << 20)
+static const char zero_buf[ZERO_CHUNK] __attribute__((aligned(4096)));
+
+static void zero_next(struct vd_req *sub, int res);
+
+/* Zeros written chunk by chunk, so a huge range needs no huge buffer. A
+ * chunk that completes inside vd_disk_submit is picked up by the loop here
+ * rather than by recursion. */
+static void zero_issue(struct zero_state *z)
+{
+    z->issuing = true;
+    for (;;) {
+        uint64_t n = z->end - z->off < ZERO_CHUNK ? z->end - z->off : ZERO_CHUNK;
+        z->iov.iov_base = (void *)zero_buf;
+        z->iov.iov_len = (size_t)n;
+        z->sub = (struct vd_req){ .op = VD_OP_WRITE, .off = z->off, .len = n, .iov = &z->iov,
+                                  .iovcnt = 1, .done = zero_next, .opaque = z };
+        z->off += n;
+        z->completed_inline = false;
+        vd_disk_submit(z->parent->disk, &z->sub);
+        if (!z->completed_inline)
+            break;              /* zero_next continues when it completes */
+        if (z->res < 0 || z->off >= z->end) {
+            struct vd_req *r = z->parent;
+            int res = z->res;
+            free(z);
+            req_put(r, res);
+            return;
+        }
+    }
+    z->issuing = false;
+}
+
+static void zero_next(struct vd_req *sub, int res)
+{
+    struct zero_state *z = sub->opaque;
+    z->res = res;
+    if (z->issuing) {
+        z->completed_inline = true;
+        return;
+    }
+    if (res == 0 && z->off < z->end) {
+        zero_issue(z);
+        return;
+    }
+    struct vd_req *r = z->parent;
+    free(z);
+    req_put(r, res);
+}
+
+static int zeroes_start(struct vd_req *r)
+{
+    struct vd_layer *l = r->disk->top;
+    int ret = -ENOTSUP;
+    if (l->fmt->zero) {
+        pthread_mutex_lock(&l->lock);
+        ret = l->fmt->zero(l, r->off, r->len, r->flags & (VD_REQ_MAY_UNMAP | VD_REQ_FAST_ZERO));
+        pthread_mutex_unlock(&l->lock);
+    }
+    if (ret != -ENOTSUP)
+        return ret;
+    if (r->flags & VD_REQ_FAST_ZERO)
+        return -ENOTSUP;
+    struct zero_state *z = calloc(1, sizeof(*z));
+    if (!z)
+        return -ENOMEM;
+    z->parent = r;
+    z->off = r->off;
+    z->end = r->off + r->len;
+    r->pending++;
+    zero_issue(z);
+    return 0;
+}
+
+static int discard_start(struct vd_req *r)
+{
+    struct vd_layer *l = r->disk->top;
+    if (!l->discard_unmap || !l->fmt->discard)
+        return 0;                   /* advisory */
+    pthread_mutex_lock(&l->lock);
+    int ret = l->fmt->discard(l, r->off, r->len, 0);
+    pthread_mutex_unlock(&l->lock);
+    return ret == -ENOTSUP ? 0 : ret;
+}
+
+/* ---- submission ---- */
+
+void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
+{
+    r->disk = d;
+    r->loop = vd_loop_current();
+    r->err = 0;
+    r->pending = 1;
+    int ret = 0;
+    uint64_t size = d->top->size;
+    if (r->op != VD_OP_FLUSH && (r->off > size || r->len > size - r->off))
+        ret = vd_err(-EINVAL, "%s: request at offset %llu, length %llu is past the end (%llu)",
+                     d->top->filename, (unsigned long long)r->off, (unsigned long long)r->len,
+                     (unsigned long long)size);
+    else if (d->readonly && r->op != VD_OP_READ && r->op != VD_OP_FLUSH)
+        ret = vd_err(-EROFS, "%s: image is read-only", d->top->filename);
+    if (ret < 0 || !r->disk || !r->loop) {
+        r->pending = 0;
+        r->done(r, ret < 0 ? ret : -ENOMEM);
+        return;
+    }
+    switch (r->op) {
+    case VD_OP_READ:
+        ret = read_range(r, d->top, r->off, r->len, 0);
+        break;
+    case VD_OP_WRITE:
+        write_range(r, d->top, r->off, r->len, 0);
+        break;
+    case VD_OP_FLUSH:
+        r->pending++;
+        flush_start(r);
+        break;
+    case VD_OP_DISCARD:
+        ret = discard_start(r);
+        break;
+    case VD_OP_WRITE_ZEROES:
+        ret = zeroes_start(r);
+        break;
+    default:
+        ret = -EINVAL;
+    }
+    req_put(r, ret);
+}

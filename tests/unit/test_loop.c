@@ -1,0 +1,414 @@
+/* The event loop: posted work across threads, timers, offload to the
+ * worker pool, fd watchers, nesting and the per-thread current loop. */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+#include <errno.h>
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <time.h>
+#include <unistd.h>
+#include "vdisk/loop.h"
+
+static uint64_t ms_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void run_while(struct vd_loop *l, const int *cond)
+{
+    uint64_t end = ms_now() + 10000;
+    while (*cond && ms_now() < end)
+        assert_true(vd_loop_run_once(l, 100) >= 0);
+    assert_int_equal(*cond, 0);
+}
+
+/* ---- post ---- */
+
+#define POSTERS 4
+#define POSTS 2000
+
+struct post_ctx {
+    struct vd_loop *loop;
+    pthread_t loop_thread;
+    int count;              /* touched only on the loop thread */
+    int left;
+    bool wrong_thread;
+};
+
+static void count_post(void *opaque)
+{
+    struct post_ctx *c = opaque;
+    if (!pthread_equal(pthread_self(), c->loop_thread))
+        c->wrong_thread = true;
+    c->count++;
+    c->left--;
+}
+
+static void *poster(void *arg)
+{
+    struct post_ctx *c = arg;
+    for (int i = 0; i < POSTS; i++)
+        vd_loop_post(c->loop, count_post, c);
+    return NULL;
+}
+
+static void post_threads(void **s)
+{
+    struct post_ctx c = { .loop_thread = pthread_self(), .left = POSTERS * POSTS };
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &c.loop), 0);
+    assert_ptr_equal(vd_loop_current(), c.loop);
+    pthread_t t[POSTERS];
+    for (int i = 0; i < POSTERS; i++)
+        assert_int_equal(pthread_create(&t[i], NULL, poster, &c), 0);
+    run_while(c.loop, &c.left);
+    for (int i = 0; i < POSTERS; i++)
+        pthread_join(t[i], NULL);
+    assert_int_equal(c.count, POSTERS * POSTS);
+    assert_false(c.wrong_thread);
+    vd_loop_free(c.loop);
+}
+
+/* ---- stop from another thread ---- */
+
+static void *stopper(void *arg)
+{
+    usleep(50000);
+    vd_loop_stop(arg);
+    return NULL;
+}
+
+static void stop_thread(void **s)
+{
+    struct vd_loop *l;
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+    pthread_t t;
+    uint64_t t0 = ms_now();
+    assert_int_equal(pthread_create(&t, NULL, stopper, l), 0);
+    vd_loop_run(l);          /* returns only once stopped */
+    pthread_join(t, NULL);
+    assert_true(ms_now() - t0 >= 40);
+    /* stop before run: the next run returns at once, then the flag clears */
+    vd_loop_stop(l);
+    vd_loop_run(l);
+    vd_loop_free(l);
+}
+
+/* ---- timers ---- */
+
+struct tctx {
+    int order[8];
+    int n;
+    int left;
+    struct vd_loop *loop;
+    int rearm;
+    uint64_t fired_at[8];
+};
+
+struct targ {
+    struct tctx *c;
+    int v;
+};
+
+static void fire(void *opaque)
+{
+    struct targ *a = opaque;
+    a->c->fired_at[a->c->n] = ms_now();
+    a->c->order[a->c->n++] = a->v;
+    a->c->left--;
+}
+
+static void timers(void **s)
+{
+    struct tctx c = { 0 };
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &c.loop), 0);
+    struct targ a[5] = { { &c, 30 }, { &c, 10 }, { &c, 20 }, { &c, 0 }, { &c, 99 } };
+    uint64_t t0 = ms_now();
+    vd_loop_timer(c.loop, 60, fire, &a[0]);
+    vd_loop_timer(c.loop, 20, fire, &a[1]);
+    vd_loop_timer(c.loop, 40, fire, &a[2]);
+    vd_loop_timer(c.loop, 0, fire, &a[3]);
+    uint64_t id = vd_loop_timer(c.loop, 30, fire, &a[4]);
+    vd_loop_cancel_timer(c.loop, id);
+    vd_loop_cancel_timer(c.loop, 123456);   /* unknown: ignored */
+    c.left = 4;
+    run_while(c.loop, &c.left);
+    assert_int_equal(c.n, 4);
+    assert_int_equal(c.order[0], 0);
+    assert_int_equal(c.order[1], 10);
+    assert_int_equal(c.order[2], 20);
+    assert_int_equal(c.order[3], 30);
+    assert_true(c.fired_at[1] - t0 >= 20);
+    assert_true(c.fired_at[3] - t0 >= 60);
+    /* the cancelled one never fires */
+    vd_loop_run_once(c.loop, 50);
+    assert_int_equal(c.n, 4);
+    vd_loop_free(c.loop);
+}
+
+/* A timer that re-arms itself for 0 ms must not starve the loop. */
+static void rearm(void *opaque)
+{
+    struct tctx *c = opaque;
+    if (++c->rearm < 1000000)
+        vd_loop_timer(c->loop, 0, rearm, c);
+}
+
+static void timer_rearm(void **s)
+{
+    struct tctx c = { 0 };
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &c.loop), 0);
+    vd_loop_timer(c.loop, 0, rearm, &c);
+    for (int i = 0; i < 5; i++)
+        vd_loop_run_once(c.loop, 0);
+    assert_int_equal(c.rearm, 5);
+    vd_loop_free(c.loop);        /* frees the pending timer */
+}
+
+/* ---- offload ---- */
+
+struct off_ctx {
+    pthread_t loop_thread;
+    atomic_int ran_elsewhere;
+    int done_on_loop;
+    int left;
+};
+
+static void off_work(void *opaque)
+{
+    struct off_ctx *c = opaque;
+    if (!pthread_equal(pthread_self(), c->loop_thread))
+        atomic_fetch_add(&c->ran_elsewhere, 1);
+    usleep(1000);
+}
+
+static void off_done(void *opaque)
+{
+    struct off_ctx *c = opaque;
+    if (pthread_equal(pthread_self(), c->loop_thread))
+        c->done_on_loop++;
+    c->left--;
+}
+
+static void offload(void **s)
+{
+    struct vd_loop *l;
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+    struct off_ctx c = { .loop_thread = pthread_self(), .left = 50 };
+    for (int i = 0; i < 50; i++)
+        vd_loop_offload(l, off_work, off_done, &c);
+    run_while(l, &c.left);
+    assert_int_equal(atomic_load(&c.ran_elsewhere), 50);
+    assert_int_equal(c.done_on_loop, 50);
+    /* free waits for offloaded work still running */
+    c.left = 3;
+    for (int i = 0; i < 3; i++)
+        vd_loop_offload(l, off_work, off_done, &c);
+    vd_loop_offload(l, off_work, NULL, &c);
+    vd_loop_free(l);
+    assert_int_equal(c.left, 0);
+}
+
+/* ---- fd watchers ---- */
+
+struct fd_ctx {
+    int pipefd[2];
+    int reads, writes;
+    char got[16];
+    int ngot;
+    struct vd_loop *loop;
+};
+
+static void on_read(struct vd_loop *l, int fd, uint32_t ev, void *opaque)
+{
+    struct fd_ctx *c = opaque;
+    assert_true(ev & EPOLLIN);
+    ssize_t n = read(fd, c->got + c->ngot, 1);    /* one byte: level-triggered repeats */
+    assert_int_equal(n, 1);
+    c->ngot++;
+    c->reads++;
+}
+
+static void on_write(struct vd_loop *l, int fd, uint32_t ev, void *opaque)
+{
+    struct fd_ctx *c = opaque;
+    assert_true(ev & EPOLLOUT);
+    c->writes++;
+    /* stop asking for writability from inside the callback */
+    assert_int_equal(vd_loop_mod_fd(l, fd, 0), 0);
+}
+
+static void fd_watch(void **s)
+{
+    struct fd_ctx c = { 0 };
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &c.loop), 0);
+    assert_int_equal(pipe(c.pipefd), 0);
+    assert_int_equal(vd_loop_add_fd(c.loop, c.pipefd[0], EPOLLIN, on_read, &c), 0);
+    assert_int_equal(vd_loop_add_fd(c.loop, c.pipefd[0], EPOLLIN, on_read, &c), -EEXIST);
+    assert_int_equal(vd_loop_add_fd(c.loop, -1, EPOLLIN, on_read, &c), -EINVAL);
+    assert_int_equal(vd_loop_mod_fd(c.loop, 9999, EPOLLIN), -ENOENT);
+    assert_int_equal(write(c.pipefd[1], "abc", 3), 3);
+    for (int i = 0; i < 10 && c.reads < 3; i++)
+        vd_loop_run_once(c.loop, 1000);
+    assert_int_equal(c.reads, 3);
+    assert_memory_equal(c.got, "abc", 3);
+    /* nothing more to read: a zero timeout returns without calling back */
+    assert_int_equal(vd_loop_run_once(c.loop, 0), 0);
+    assert_int_equal(c.reads, 3);
+
+    assert_int_equal(vd_loop_add_fd(c.loop, c.pipefd[1], EPOLLOUT, on_write, &c), 0);
+    for (int i = 0; i < 3; i++)
+        vd_loop_run_once(c.loop, 100);
+    assert_int_equal(c.writes, 1);
+    assert_int_equal(vd_loop_mod_fd(c.loop, c.pipefd[1], EPOLLOUT), 0);
+    vd_loop_run_once(c.loop, 100);
+    assert_int_equal(c.writes, 2);
+
+    vd_loop_del_fd(c.loop, c.pipefd[0]);
+    vd_loop_del_fd(c.loop, c.pipefd[0]);     /* twice: harmless */
+    assert_int_equal(write(c.pipefd[1], "d", 1), 1);
+    assert_int_equal(vd_loop_run_once(c.loop, 20), 0);
+    assert_int_equal(c.reads, 3);
+    vd_loop_del_fd(c.loop, c.pipefd[1]);
+    close(c.pipefd[0]);
+    close(c.pipefd[1]);
+    vd_loop_free(c.loop);
+}
+
+/* Two ready fds; the first callback removes and closes the second: its
+ * pending event must not be delivered to the freed watcher. */
+struct del_ctx {
+    int a[2], b[2];
+    int calls_a, calls_b;
+};
+
+static void del_other(struct vd_loop *l, int fd, uint32_t ev, void *opaque)
+{
+    struct del_ctx *c = opaque;
+    int other = fd == c->a[0] ? c->b[0] : c->a[0];
+    if (fd == c->a[0]) c->calls_a++; else c->calls_b++;
+    vd_loop_del_fd(l, other);
+    vd_loop_del_fd(l, fd);
+}
+
+static void fd_del_in_callback(void **s)
+{
+    struct vd_loop *l;
+    struct del_ctx c = { 0 };
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+    assert_int_equal(pipe(c.a), 0);
+    assert_int_equal(pipe(c.b), 0);
+    assert_int_equal(write(c.a[1], "x", 1), 1);
+    assert_int_equal(write(c.b[1], "x", 1), 1);
+    assert_int_equal(vd_loop_add_fd(l, c.a[0], EPOLLIN, del_other, &c), 0);
+    assert_int_equal(vd_loop_add_fd(l, c.b[0], EPOLLIN, del_other, &c), 0);
+    assert_int_equal(vd_loop_run_once(l, 1000), 1);
+    assert_int_equal(c.calls_a + c.calls_b, 1);
+    for (int i = 0; i < 2; i++) {
+        close(c.a[i]);
+        close(c.b[i]);
+    }
+    vd_loop_free(l);
+}
+
+/* ---- nesting: a callback runs the loop until its own work is done ---- */
+
+struct nest_ctx {
+    struct vd_loop *loop;
+    int inner_left;
+    int outer_done;
+};
+
+static void inner(void *opaque)
+{
+    struct nest_ctx *c = opaque;
+    c->inner_left--;
+}
+
+static void outer(void *opaque)
+{
+    struct nest_ctx *c = opaque;
+    c->inner_left = 2;
+    vd_loop_post(c->loop, inner, c);
+    vd_loop_timer(c->loop, 5, inner, c);
+    while (c->inner_left > 0)
+        vd_loop_run_once(c->loop, 100);
+    c->outer_done = 1;
+}
+
+static void nested(void **s)
+{
+    struct nest_ctx c = { 0 };
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &c.loop), 0);
+    vd_loop_post(c.loop, outer, &c);
+    for (int i = 0; i < 10 && !c.outer_done; i++)
+        vd_loop_run_once(c.loop, 100);
+    assert_int_equal(c.outer_done, 1);
+    assert_int_equal(c.inner_left, 0);
+    vd_loop_free(c.loop);
+}
+
+/* ---- the current loop of a thread ---- */
+
+static void *lazy_thread(void *arg)
+{
+    struct vd_loop *l = vd_loop_current();
+    assert_non_null(l);
+    assert_ptr_equal(vd_loop_current(), l);
+    *(struct vd_loop **)arg = l;
+    assert_non_null(vd_loop_engine_name(l));
+    return NULL;     /* the loop is freed at thread exit (LeakSanitizer checks) */
+}
+
+static void record_current(void *opaque)
+{
+    *(struct vd_loop **)opaque = vd_loop_current();
+}
+
+static void current(void **s)
+{
+    struct vd_loop *a = NULL, *b = NULL;
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, lazy_thread, &a), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(pthread_create(&t, NULL, lazy_thread, &b), 0);
+    pthread_join(t, NULL);
+    assert_non_null(a);
+    assert_non_null(b);
+
+    struct vd_loop *l, *m;
+    assert_int_equal(vd_loop_new(VD_AIO_THREADS, &l), 0);
+    assert_string_equal(vd_loop_engine_name(l), "threads");
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &m), 0);
+    assert_ptr_equal(vd_loop_current(), m);
+    vd_loop_free(m);
+    /* running a loop makes it current for its callbacks */
+    struct vd_loop *seen = NULL;
+    vd_loop_post(l, record_current, &seen);
+    vd_loop_run_once(l, 1000);
+    assert_ptr_equal(seen, l);
+    vd_loop_free(l);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(post_threads),
+        cmocka_unit_test(stop_thread),
+        cmocka_unit_test(timers),
+        cmocka_unit_test(timer_rearm),
+        cmocka_unit_test(offload),
+        cmocka_unit_test(fd_watch),
+        cmocka_unit_test(fd_del_in_callback),
+        cmocka_unit_test(nested),
+        cmocka_unit_test(current),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
