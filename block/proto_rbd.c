@@ -50,7 +50,7 @@ struct rbd_state {
     rados_t cluster;
     rados_ioctx_t ioctx;
     rbd_image_t image;
-    char *label;                    /* "rbd:pool/image[@snap]" for messages */
+    char *label;                    /* the name as given, for messages */
     unsigned timeout;
     bool readonly;
     _Atomic uint64_t size;          /* cached; only we resize while we hold the lock */
@@ -184,15 +184,6 @@ static int spec_parse(const char *name, struct rbd_spec *s)
 bad:
     spec_free(s);
     return vd_err(-EINVAL, "%s: bad RBD image name (%s)", name, usage);
-}
-
-static char *make_label(const struct rbd_spec *s)
-{
-    char *l = NULL;
-    if (asprintf(&l, "rbd:%s/%s%s%s%s%s", s->pool, s->ns ? s->ns : "", s->ns ? "/" : "",
-                 s->image, s->snap ? "@" : "", s->snap ? s->snap : "") < 0)
-        return NULL;
-    return l;
 }
 
 /* ---- connection ---- */
@@ -330,7 +321,7 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     pthread_mutex_init(&st->ext_lock, NULL);
     st->timeout = s.timeout;
     st->readonly = (flags & VD_FILE_RDONLY) || s.snap;
-    st->label = make_label(&s);
+    st->label = strdup(name);     /* messages name the image as the user gave it */
     if (!st->label) { r = vd_err(-ENOMEM, "%s: out of memory", name); goto fail; }
     if ((flags & VD_FILE_CREATE) && (s.snap || (flags & VD_FILE_RDONLY))) {
         r = vd_err(-EINVAL, "%s: cannot create %s", st->label, s.snap ? "a snapshot" : "a read-only image");
