@@ -4,6 +4,7 @@
 # tool and qemu-img's own rbd driver. A cluster that does not come up fails
 # the test loudly.
 source "$(dirname "$0")/../lib.sh"
+source "$VDISK_ROOT/tests/helpers/nbd_common.bash"
 
 CLUSTER=$VDISK_ROOT/tests/rbd/cluster.sh
 on_exit "$CLUSTER stop $T/ceph >/dev/null 2>&1"
@@ -53,6 +54,21 @@ else
     fail "map shows RBD's allocation (data and holes)" "$(head -c 600 "$T/map.json")"
 fi
 
+# ---- qcow2 ----
+qemu-img convert -f raw -O qcow2 "$T/src.raw" "$T/src.qcow2"
+check "convert qcow2 -> rbd" $VDISK convert -f qcow2 -O raw "$T/src.qcow2" "$(R fromq)"
+check "convert that rbd image -> raw" $VDISK convert -f raw -O raw "$(R fromq)" "$T/back2.raw"
+check "qcow2 -> rbd -> raw round trip equals the source" cmp "$T/src.raw" "$T/back2.raw"
+check "create -f qcow2 layered on an rbd image" $VDISK create -f qcow2 "$(R q0)" 1G
+out=$($VDISK info --output=json "$(R q0)" 2>&1)
+[ "$(jq -r .format <<<"$out" 2>/dev/null)" = qcow2 ] && [ "$(jq -r '."virtual-size"' <<<"$out")" = $((1024 * MiB)) ] \
+    && ok "info probes qcow2 on rbd" || fail "info probes qcow2 on rbd" "$out"
+check "convert raw -> qcow2 on rbd" $VDISK convert -f raw -O qcow2 "$T/src.raw" "$(R q1)"
+check "qemu-img reads vdisk's qcow2 on rbd as the source" qemu-img compare -f raw -F qcow2 "$T/src.raw" "$(R q1)"
+check "qemu-img check finds the qcow2 on rbd clean" qemu-img check -f qcow2 "$(R q1)"
+check "convert qcow2 on rbd -> raw" $VDISK convert -O raw "$(R q1)" "$T/back3.raw"
+check "and it equals the source" cmp "$T/src.raw" "$T/back3.raw"
+
 # ---- library I/O through librbd's aio path ----
 check "random 4 KiB writes through the loop" $HELPER write "$(R img)" 7 500
 check "they read back" $HELPER verify "$(R img)" 7 500
@@ -71,6 +87,66 @@ out=$($HELPER write "$(R img)" 8 1 2>&1); rc=$?
 check "a reader is still served while the writer holds the lock" $HELPER verify "$(R img)" 7 500
 exec 7>&-; wait $holder
 check "after the writer closes, another takes over" $HELPER write "$(R img)" 9 50
+
+# ---- vdiskd: NBD export of an rbd image ----
+NBD="nbd+unix:///e?socket=$T/a.sock"
+rbdc create rbd/exp --size 128M
+start_vdiskd a --nbd "unix:$T/a.sock" --threads 2 --log-level=warning \
+    --export "name=e,file=$(R exp),format=raw" || exit 1
+fiojob() {   # fiojob URI EXTRA... : 4 KiB random writes at QD32 on the first 32 MiB
+    fio --name=rbd --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=32 --size=32M \
+        --verify=crc32c --verify_fatal=1 --randseed=42 --output-format=terse "${@:2}" 2>&1
+}
+out=$(fiojob "$NBD" --do_verify=1); rc=$?
+[ $rc -eq 0 ] && ! grep -qi "verify.*fail\|bad magic" <<<"$out" \
+    && ok "fio over NBD on an rbd image: randwrite QD32, crc32c verified" || fail "fio over NBD on an rbd image" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+map=$(nbdinfo --map=base:allocation "$NBD" 2>&1)
+if awk '$1 == 0 && $2 == 33554432 && $4 == "data" {d=1} $1 == 33554432 && $4 ~ /hole/ {h=1} END {exit !(d && h)}' <<<"$map"; then
+    ok "NBD base:allocation from RBD's allocation: data, then a hole never written"
+else
+    fail "NBD base:allocation from RBD's allocation" "$(head -4 <<<"$map" | tr '\n' ' ')"
+fi
+# a second daemon on the same image is refused: the first holds the lock
+out=$("$VDISKD" --nbd "unix:$T/b.sock" --export "name=e,file=$(R exp),format=raw" 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "open for writing elsewhere" <<<"$out" \
+    && ok "a second vdiskd on the image is refused (exclusive lock)" || fail "a second vdiskd on the image is refused" "rc $rc: $out"
+check "a read-only open still works meanwhile" $VDISK info "$(R exp)"
+
+# hand-over: the writer's data, written through daemon a, verified through daemon b
+out=$(fiojob "$NBD" --do_verify=0 --randseed=43); rc=$?
+[ $rc -eq 0 ] && ok "writer on daemon a" || fail "writer on daemon a" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+stop_vdiskd a
+start_vdiskd b --nbd "unix:$T/b.sock" --threads 2 --log-level=warning \
+    --export "name=e,file=$(R exp),format=raw" || exit 1
+out=$(fiojob "nbd+unix:///e?socket=$T/b.sock" --verify_only --randseed=43); rc=$?
+[ $rc -eq 0 ] && ! grep -qi "verify.*fail\|bad magic" <<<"$out" \
+    && ok "hand-over: daemon b serves what a wrote, no copy" || fail "hand-over: daemon b serves what a wrote" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+stop_vdiskd b
+
+# the whole stack: qcow2 on rbd, exported
+start_vdiskd c --nbd "unix:$T/c.sock" --threads 2 --log-level=warning \
+    --export "name=q,file=$(R q0)" || exit 1
+out=$(fiojob "nbd+unix:///q?socket=$T/c.sock" --do_verify=1); rc=$?
+[ $rc -eq 0 ] && ! grep -qi "verify.*fail\|bad magic" <<<"$out" \
+    && ok "fio over NBD on qcow2 on rbd, crc32c verified" || fail "fio over NBD on qcow2 on rbd" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+stop_vdiskd c
+check "qemu-img check: the qcow2 on rbd is clean after the run" qemu-img check -f qcow2 "$(R q0)"
+
+# ---- vhost-user-blk to the front-end library ----
+H=$VDISK_BUILD/tests/helpers
+rbdc create rbd/vh --size 64M
+"$H/vhost_serve" --format raw --num-queues 2 --pidfile "$T/vh.pid" "$(R vh)" "$T/vh.sock" 2> "$T/vh.log" &
+vh=$!
+on_exit "kill $vh 2>/dev/null; wait $vh 2>/dev/null"
+for _ in $(seq 100); do [ -S "$T/vh.sock" ] && break; sleep 0.05; done
+check "vhost-user-blk on an rbd image: every request type, data verified" \
+    "$H/vhost_io" --queues 2 --qd 8 --bs 64K --seed 21 --expect "$T/vh.expect" "$T/vh.sock"
+check "vhost-user-blk on an rbd image: 4 KiB at QD32 written, then verified" \
+    bash -c "'$H/vhost_io' --mode fill --queues 1 --qd 32 --bs 4K --size 16M --seed 22 '$T/vh.sock' && '$H/vhost_io' --mode verify --queues 1 --qd 32 --bs 4K --size 16M --seed 22 '$T/vh.sock'"
+kill "$vh"; wait "$vh"
+grep -qE 'AddressSanitizer|runtime error|LeakSanitizer' "$T/vh.log" \
+    && fail "vhost back-end on rbd: no sanitizer report" "$(grep -m3 -E 'Sanitizer|runtime error' "$T/vh.log")" \
+    || ok "vhost back-end on rbd: no sanitizer report"
 
 # ---- errors: bounded in time, clear ----
 sed -E 's/^mon host = .*/mon host = v2:127.0.0.1:46998/' "$CONF" > "$T/dead.conf"

@@ -78,15 +78,20 @@ mon allow pool size one = true
 mon warn on pool no redundancy = false
 paxos propose interval = 0.1
 run dir = $dir/run
-admin socket = $dir/run/\$name.asok
-log file = $dir/log/\$name.log
 pid file =
 debug ms = 0
 keyring = /dev/null
+[client]
+admin socket =
+log file =
 [mon]
+admin socket = $dir/run/\$name.asok
+log file = $dir/log/\$name.log
 mon data = $dir/mon
 mon cluster log file = $dir/log/cluster.log
 [osd]
+admin socket = $dir/run/\$name.asok
+log file = $dir/log/\$name.log
 osd data = $dir/osd
 osd objectstore = $store
 memstore device bytes = ${RBD_MEMSTORE_BYTES:-4294967296}
