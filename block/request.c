@@ -436,7 +436,7 @@ static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint
     while (len && ret == 0) {
         struct vd_map m = {0};
         pthread_mutex_lock(&l->lock);
-        ret = l->fmt->map(l, off, len, 0, &m);
+        ret = l->fmt->map(l, off, len, VD_MAP_F_WRITE, &m);
         if (ret < 0) {
             pthread_mutex_unlock(&l->lock);
             break;
