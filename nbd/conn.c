@@ -89,6 +89,9 @@ struct conn {
     bool read_closed;           /* EOF, NBD_CMD_DISC or shutdown: read no more */
     bool dead;                  /* drop output, close when the disk is done */
     bool busy, again;           /* progress() re-entrancy */
+    bool rd_idle;               /* the last read found nothing: wait for EPOLLIN */
+    bool dirty;                 /* on this thread's list of replies to push out */
+    struct conn *dnext;
     uint32_t ev_r, ev_w;        /* registered epoll masks (0 = not registered) */
     bool reg_r, reg_w;
     struct vd_export *exp;
@@ -147,6 +150,48 @@ unsigned vd_nbd_connections(void)
 }
 
 static void progress(struct conn *c);
+
+/* Replies completed during one loop iteration go out together: completions
+ * mark their connection dirty and a zero-delay timer (which runs after the
+ * iteration's events) sends each dirty connection's queue with one write. */
+static __thread struct conn *dirty_head;
+static __thread bool flush_armed;
+
+static void flush_dirty(void *opaque)
+{
+    flush_armed = false;
+    while (dirty_head) {
+        struct conn *c = dirty_head;
+        dirty_head = c->dnext;
+        c->dirty = false;
+        progress(c);
+    }
+}
+
+static void mark_dirty(struct conn *c)
+{
+    if (c->dirty)
+        return;
+    c->dirty = true;
+    c->dnext = dirty_head;
+    dirty_head = c;
+    if (!flush_armed) {
+        flush_armed = true;
+        vd_loop_timer(c->loop, 0, flush_dirty, NULL);
+    }
+}
+
+static void undirty(struct conn *c)
+{
+    if (!c->dirty)
+        return;
+    for (struct conn **pp = &dirty_head; *pp; pp = &(*pp)->dnext)
+        if (*pp == c) {
+            *pp = c->dnext;
+            break;
+        }
+    c->dirty = false;
+}
 
 /* ---- export lookup for the handshake ---- */
 
@@ -628,7 +673,10 @@ static void req_done(struct vd_req *r, int res)
         q->buf = NULL;
     }
     enqueue(c, q);
-    progress(c);
+    if (c->busy)
+        c->again = true;
+    else
+        mark_dirty(c);
 }
 
 static void submit(struct conn *c, struct nreq *q, enum vd_op op, unsigned flags, bool data)
@@ -933,6 +981,8 @@ static bool do_read(struct conn *c)
             c->in_pos = c->in_len = 0;
         if (c->rx && c->in_pos == c->in_len && c->rx->h.len - c->rx->got >= 65536) {
             struct nreq *q = c->rx;
+            if (c->rd_idle && !c->ssl)
+                return moved;
             n = xread(c, q->buf + q->got, q->h.len - q->got);
             if (n > 0) {
                 q->got += (uint32_t)n;
@@ -951,6 +1001,8 @@ static bool do_read(struct conn *c)
             }
             if (c->in_len == IN_CAP)
                 return moved;   /* cannot happen: requests are consumed */
+            if (c->rd_idle && !c->ssl)
+                return moved;   /* nothing new since the last EAGAIN */
             n = xread(c, c->in + c->in_len, IN_CAP - c->in_len);
             if (n > 0) {
                 c->in_len += (size_t)n;
@@ -958,8 +1010,10 @@ static bool do_read(struct conn *c)
                 continue;
             }
         }
-        if (n == -EAGAIN)
+        if (n == -EAGAIN) {
+            c->rd_idle = true;
             return moved;
+        }
         if (n == 0)
             c->read_closed = true;
         else {
@@ -1070,6 +1124,7 @@ static void update_events(struct conn *c)
 
 static void destroy(struct conn *c)
 {
+    undirty(c);
     vd_loop_del_fd(c->loop, c->rfd);
     if (c->wfd != c->rfd)
         vd_loop_del_fd(c->loop, c->wfd);
@@ -1134,6 +1189,8 @@ static void progress(struct conn *c)
 static void on_event(struct vd_loop *loop, int fd, uint32_t events, void *opaque)
 {
     struct conn *c = opaque;
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+        c->rd_idle = false;
     if ((events & (EPOLLHUP | EPOLLERR)) && !(events & EPOLLIN)) {
         /* The peer is gone and there is nothing left to read. */
         c->dead = true;
