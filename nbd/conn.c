@@ -330,11 +330,84 @@ static ssize_t xwritev(struct conn *c, const struct iovec *iov, int cnt)
     }
 }
 
+/* ---- request buffers ----
+ * Per-thread free lists by power-of-two size class: a fresh 1 MiB buffer
+ * per request costs page faults and munmap on every request. Bounded so
+ * that an idle thread keeps at most BUF_CACHE_MAX bytes. */
+#define BUF_MIN_SHIFT 12
+#define BUF_CLASSES   14               /* 4 KiB .. 32 MiB */
+#define BUF_CACHE_MAX (96u << 20)
+struct freebuf { struct freebuf *next; };
+static __thread struct freebuf *buf_free[BUF_CLASSES];
+static __thread size_t buf_cached;
+
+static pthread_key_t buf_key;
+static pthread_once_t buf_once = PTHREAD_ONCE_INIT;
+
+/* Thread exit: give the cached buffers back. */
+static void buf_drain(void *unused)
+{
+    for (unsigned c = 0; c < BUF_CLASSES; c++)
+        while (buf_free[c]) {
+            struct freebuf *b = buf_free[c];
+            buf_free[c] = b->next;
+            free(b);
+        }
+    buf_cached = 0;
+}
+
+static void buf_key_make(void)
+{
+    pthread_key_create(&buf_key, buf_drain);
+}
+
+static unsigned buf_class(size_t len)
+{
+    unsigned c = 0;
+    while (((size_t)1 << (BUF_MIN_SHIFT + c)) < len)
+        c++;
+    return c;
+}
+
+static void *buf_get(size_t len)
+{
+    unsigned c = buf_class(len);
+    if (c >= BUF_CLASSES)
+        return vd_alloc_aligned(len);
+    struct freebuf *b = buf_free[c];
+    if (b) {
+        buf_free[c] = b->next;
+        buf_cached -= (size_t)1 << (BUF_MIN_SHIFT + c);
+        return b;
+    }
+    return vd_alloc_aligned((size_t)1 << (BUF_MIN_SHIFT + c));
+}
+
+static void buf_put(void *p, size_t len)
+{
+    if (!p)
+        return;
+    unsigned c = buf_class(len);
+    size_t sz = (size_t)1 << (BUF_MIN_SHIFT + c);
+    if (c >= BUF_CLASSES || buf_cached + sz > BUF_CACHE_MAX) {
+        free(p);
+        return;
+    }
+    if (!buf_cached) {
+        pthread_once(&buf_once, buf_key_make);
+        pthread_setspecific(buf_key, (void *)1);
+    }
+    struct freebuf *b = p;
+    b->next = buf_free[c];
+    buf_free[c] = b;
+    buf_cached += sz;
+}
+
 /* ---- requests ---- */
 
 static void nreq_free(struct nreq *q)
 {
-    free(q->buf);
+    buf_put(q->buf, q->h.len);
     if (q->oiov != q->small_iov)
         free(q->oiov);
     free(q->ohdr);
@@ -669,7 +742,7 @@ static void req_done(struct vd_req *r, int res)
         reply_ok(c, q);
     }
     if (q->h.type == NBD_CMD_CACHE) {
-        free(q->buf);   /* read only to warm the cache */
+        buf_put(q->buf, q->h.len);   /* read only to warm the cache */
         q->buf = NULL;
     }
     enqueue(c, q);
@@ -782,7 +855,7 @@ static bool take_header(struct conn *c)
     if (!err && (h.type == NBD_CMD_READ || h.type == NBD_CMD_WRITE ||
                  (h.type == NBD_CMD_CACHE && h.len <= VD_NBD_MAX_BLOCK))) {
         if (h.len) {
-            q->buf = vd_alloc_aligned(h.len);
+            q->buf = buf_get(h.len);
             if (!q->buf) {
                 err = NBD_ENOMEM;
                 why = "out of memory";
@@ -1224,6 +1297,10 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
     c->oq_tail = &c->oq;
     set_nonblock(rfd);
     set_nonblock(wfd);
+    /* Room for a few large replies in the socket: fewer wake-ups per
+     * 1 MiB+ read (capped by net.core.wmem_max; failure is harmless). */
+    int sndbuf = 4 << 20;
+    setsockopt(wfd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     vd_nbd_hs_init(&c->hs, &hs_ops, c, cfg.tls_ctx ? cfg.tls : VD_NBD_TLS_OFF);
     reg_add(c);
     c->ev_r = EPOLLIN;
