@@ -278,6 +278,8 @@ int vd_disk_block_status(struct vd_disk *d, uint64_t off, uint64_t len, struct v
         switch (m.kind) {
         case VD_MAP_DATA:
             e->flags = VD_EXT_DATA | VD_EXT_ALLOCATED | VD_EXT_OFFSET;
+            if (m.reads_zero)
+                e->flags |= VD_EXT_ZERO;
             e->file = m.file;
             e->host_off = m.host_off;
             return 0;
@@ -295,6 +297,11 @@ int vd_disk_block_status(struct vd_disk *d, uint64_t off, uint64_t len, struct v
         case VD_MAP_UNALLOC:
             if (!l->backing || off >= l->backing->size) {
                 e->flags = VD_EXT_ZERO;     /* reads as zeros, allocated nowhere */
+                if (m.host_valid) {         /* space reserved for it (qcow2 subclusters) */
+                    e->flags |= VD_EXT_OFFSET;
+                    e->file = m.file;
+                    e->host_off = m.host_off;
+                }
                 return 0;
             }
             if (len > l->backing->size - off)

@@ -48,6 +48,8 @@ struct vd_map {
     uint32_t comp_len;       /* COMPRESSED: blob bytes (upper bound) */
     uint32_t comp_unit;      /* COMPRESSED: bytes the blob decompresses to */
     uint64_t comp_voff;      /* COMPRESSED: virtual offset of the unit's start */
+    bool reads_zero;         /* DATA with VD_MAP_F_STATUS: the host range is known to
+                                read as zeros (a hole); block status adds "zero" */
 };
 
 struct vd_alloc {
@@ -121,7 +123,8 @@ struct vd_format {
     /* Make [off, off+len) read as zeros without writing data; flags may hold
      * VD_REQ_MAY_UNMAP. -ENOTSUP: the core writes zeros instead. */
     int  (*zero)(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags);
-    /* Write cached metadata out (the core syncs the files afterwards). */
+    /* Write cached metadata out; sync any files other than l->file (extra
+     * extents). The core then syncs l->file. */
     int  (*flush)(struct vd_layer *l);
     int  (*resize)(struct vd_layer *l, uint64_t size, enum vd_prealloc prealloc);
     int  (*check)(struct vd_layer *l, unsigned fix, struct vd_check *r);
@@ -134,6 +137,16 @@ struct vd_format {
     /* Rewrite the backing file name / format (rebase -u). */
     int  (*set_backing)(struct vd_layer *l, const char *name, const char *fmt);
     const struct vd_create_opt_desc *create_opts;   /* {NULL} terminated */
+    /* Optional split of write_compressed for parallel compression (convert -c):
+     * compress() is thread-safe and is called WITHOUT layer->lock, on any
+     * thread: it compresses one whole unit (len = unit, or the image's last
+     * partial unit, which it pads with zeros) into out (capacity *outlen,
+     * give at least the unit size) and sets *outlen. -ENOSPC: the unit does
+     * not shrink; write it with an ordinary write instead.
+     * write_compressed_raw() is called WITH layer->lock held: it stores a
+     * blob made by compress() as the unit at off (unit-aligned). */
+    int  (*compress)(struct vd_layer *l, const void *in, size_t len, void *out, size_t *outlen);
+    int  (*write_compressed_raw)(struct vd_layer *l, uint64_t off, const void *blob, size_t bloblen);
 };
 
 struct vd_layer {
