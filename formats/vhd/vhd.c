@@ -528,13 +528,8 @@ static int vhd_info(struct vd_layer *l, json_t *info)
 {
     struct vhd *s = l->priv;
     const char *prov = s->type == VHD_TYPE_FIXED ? "fixed" : "thin";
-    if (s->type == VHD_TYPE_FIXED) {
-        /* A fixed disk is thick; whether the host file is allocated says how. */
-        uint64_t alloc = vd_file_allocated_bytes(l->file);
-        prov = alloc >= l->size ? "eager-zeroed" : "lazy-zeroed";
-        if (alloc < l->size / 2)
-            prov = "thin";
-    }
+    if (s->type == VHD_TYPE_FIXED)
+        prov = vd_provisioning_of(l->file, 0, l->size, l->size);
     char creator[5] = { 0 }, uuid[37];
     for (int i = 0; i < 4; i++) {
         char c = (char)s->footer[VF_CREATOR_APP + i];
@@ -584,6 +579,8 @@ static const struct vd_create_opt_desc vhd_create_opts[] = {
     { "subformat", "dynamic (default) or fixed" },
     { "force_size", "on: keep the exact size instead of rounding it to a CHS geometry" },
     { "block_size", "dynamic block size (default 2M)" },
+    { "preallocation", "off/metadata (dynamic), falloc or full (fixed)" },
+    { "provisioning", "thin (dynamic), lazy-zeroed or eager-zeroed (fixed)" },
     { NULL, NULL },
 };
 

@@ -81,6 +81,9 @@ uint64_t vd_vhd_footer_size(const uint8_t *footer);
 /* True when footer has the cookie and a matching checksum. */
 bool vd_vhd_footer_valid(const uint8_t *footer);
 
+/* Provisioning of a host file as the file system holds it (vmdk_prov.c). */
+const char *vd_provisioning_of(struct vd_file *f, uint64_t off, uint64_t len, uint64_t vsize);
+
 int vd_vhd_create(const char *filename, const struct vd_create_opts *o);
 int vd_vhd_probe(const uint8_t *buf, size_t len, struct vd_file *f);
 

@@ -742,22 +742,12 @@ static const char *provisioning(struct vd_layer *l, struct vmdk *s)
         return "thin";
     if (!any_flat)
         return "thin";
-    /* Flat: eager-zeroed when written, lazy-zeroed when only reserved. */
-    uint64_t alloc = 0;
-    bool data = true;
-    for (size_t i = 0; i < s->next; i++) {
-        struct vmdk_extent *e = &s->ext[i];
-        if (!e->file)
-            continue;
-        alloc += vd_file_allocated_bytes(e->file);
-        bool is_data;
-        uint64_t end;
-        if (vd_file_extent(e->file, e->flat_off, &is_data, &end) >= 0 && !is_data)
-            data = false;
-    }
-    if (alloc < l->size / 2)
-        return "thin";
-    return data ? "eager-zeroed" : "lazy-zeroed";
+    /* Flat: as the file system holds the first extent's file. */
+    for (size_t i = 0; i < s->next; i++)
+        if (s->ext[i].file)
+            return vd_provisioning_of(s->ext[i].file, s->ext[i].flat_off, s->ext[i].sectors * VMDK_SECTOR,
+                                      s->ext[i].sectors * VMDK_SECTOR);
+    return "thick";
 }
 
 static int vmdk_info(struct vd_layer *l, json_t *info)
@@ -830,6 +820,8 @@ static const struct vd_create_opt_desc vmdk_create_opts[] = {
     { "hwversion", "virtual hardware version (default 4)" },
     { "compat6", "on: hwversion 6" },
     { "toolsversion", "VMware Tools version for the DDB" },
+    { "preallocation", "off/metadata (sparse), falloc or full (flat extents)" },
+    { "provisioning", "thin (sparse, or vmfsThin), lazy-zeroed or eager-zeroed (flat extents)" },
     { NULL, NULL },
 };
 

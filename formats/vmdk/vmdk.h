@@ -189,4 +189,8 @@ int  vd_vmdk_create(const char *filename, const struct vd_create_opts *o);
 int  vd_vmdk_read_desc(const char *name, struct vd_file *f, char **text, size_t *len, bool *embedded);
 uint32_t vd_vmdk_new_cid(void);
 
+/* "thin", "lazy-zeroed", "eager-zeroed" (or "thick") for a host file that
+ * holds a virtual disk of vsize bytes at [off, off+len) (vmdk_prov.c). */
+const char *vd_provisioning_of(struct vd_file *f, uint64_t off, uint64_t len, uint64_t vsize);
+
 #endif
