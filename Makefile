@@ -14,7 +14,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 VERSION := 0.1.0
 
-LIB_DIRS := block formats $(wildcard formats/*/) snapshot dedup qos nbd vmm-glue migrate
+LIB_DIRS := block formats $(wildcard formats/*/) snapshot dedup qos nbd vmm-glue migrate export
 LIB_SRCS := $(sort $(foreach d,$(LIB_DIRS),$(wildcard $(d:/=)/*.c)))
 PROGS    := $(notdir $(patsubst %/,%,$(wildcard tools/*/)))
 UNIT_SRCS:= $(wildcard tests/unit/test_*.c)
