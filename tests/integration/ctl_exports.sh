@@ -100,7 +100,20 @@ check "b still serves" bash -o pipefail -c "nbdcopy 'nbd+unix:///b?socket=$S' '$
 check "events: EXPORT_ADDED and EXPORT_DELETED were broadcast" bash -o pipefail -c \
     "grep -q '\"event\":\"EXPORT_ADDED\".*\"name\":\"b\"' '$T/events.log' && grep -q '\"event\":\"EXPORT_DELETED\".*\"name\":\"a\"' '$T/events.log'"
 
-check "quit" ctl quit
+# The same through the CLI client.
+truncate -s 8M "$T/v.raw"
+check "vdisk ctl export-add with key=value arguments" bash -o pipefail -c \
+    "'$VDISK' ctl '$C' export-add name=v,file='$T/v.raw',readonly=on | jq -e '.readonly == true and .name == \"v\"'"
+check "vdisk ctl query-exports prints the list" bash -o pipefail -c \
+    "'$VDISK' ctl '$C' query-exports | jq -e '[.[].name] | index(\"v\") != null'"
+check "vdisk ctl with a JSON object" bash -o pipefail -c \
+    "'$VDISK' ctl '$C' query-stats '{\"name\":\"v\"}' | jq -e '.[0].name == \"v\"'"
+check "vdisk ctl export-del" "$VDISK" ctl "$C" export-del name=v
+check_fails "vdisk ctl: an error from the daemon exits 1 with its message" "$VDISK" ctl "$C" export-del name=v
+check_fails "vdisk ctl: a socket nobody listens on" "$VDISK" ctl "$T/nosuch.sock" query-exports
+check_fails "vdisk ctl: arguments that are neither JSON nor key=value" "$VDISK" ctl "$C" export-add junk
+
+check "quit" "$VDISK" ctl "$C" quit
 wait $d_pid; rc=$?
 if [ $rc -eq 0 ] && sanitizer_clean "$T/d.log"; then ok "daemon exited cleanly after quit"
 else fail "daemon exited cleanly after quit" "rc $rc $(grep -m3 -E 'Sanitizer|runtime error' "$T/d.log")"; fi
