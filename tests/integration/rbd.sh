@@ -123,6 +123,35 @@ out=$(fiojob "nbd+unix:///e?socket=$T/b.sock" --verify_only --randseed=43); rc=$
     && ok "hand-over: daemon b serves what a wrote, no copy" || fail "hand-over: daemon b serves what a wrote" "$(tail -3 <<<"$out" | tr '\n' ' ')"
 stop_vdiskd b
 
+# hand-over after a crash: daemon f dies (SIGKILL) holding the lock; a new
+# opener is told so within its lock_timeout, and daemon g gets the image once
+# the cluster drops f's watch (10 s in the test cluster), with what f had flushed
+start_vdiskd f --nbd "unix:$T/f.sock" --log-level=warning \
+    --export "name=e,file=$(R exp),format=raw" || exit 1
+out=$(fiojob "nbd+unix:///e?socket=$T/f.sock" --do_verify=0 --randseed=44 --end_fsync=1); rc=$?
+[ $rc -eq 0 ] && ok "writer on daemon f (flushed)" || fail "writer on daemon f (flushed)" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+kill -KILL "$f_pid"; wait "$f_pid" 2>/dev/null
+t0=$SECONDS
+# (detect_leaks=0: the process exits while librbd still waits for the lock)
+out=$(ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 $HELPER write "$(R exp lock_timeout=3)" 1 1 2>&1); rc=$?
+el=$((SECONDS - t0))
+[ $rc -eq 1 ] && [ $el -le 15 ] && grep -q "did not answer within 3 s" <<<"$out" \
+    && ok "crashed owner: a new writer is told within lock_timeout (${el}s)" || fail "crashed owner: a new writer is told within lock_timeout" "rc $rc after ${el}s: $out"
+rm -f "$T/g.pid"
+"$VDISKD" --pidfile "$T/g.pid" --nbd "unix:$T/g.sock" --log-level=warning \
+    --export "name=e,file=$(R exp),format=raw" 2> "$T/g.log" &
+g_pid=$!
+on_exit "kill $g_pid 2>/dev/null; wait $g_pid 2>/dev/null"
+t0=$SECONDS
+for _ in $(seq 600); do [ -S "$T/g.sock" ] && [ -s "$T/g.pid" ] && break; kill -0 "$g_pid" 2>/dev/null || break; sleep 0.1; done
+el=$((SECONDS - t0))
+if [ -S "$T/g.sock" ]; then ok "crashed owner: daemon g takes the lock over (${el}s)"
+else fail "crashed owner: daemon g takes the lock over" "after ${el}s: $(head -5 "$T/g.log" | tr '\n' ' ')"; fi
+out=$(fiojob "nbd+unix:///e?socket=$T/g.sock" --verify_only --randseed=44); rc=$?
+[ $rc -eq 0 ] && ! grep -qi "verify.*fail\|bad magic" <<<"$out" \
+    && ok "crashed owner: daemon g serves what f flushed" || fail "crashed owner: daemon g serves what f flushed" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+stop_vdiskd g
+
 # the whole stack: qcow2 on rbd, exported
 start_vdiskd c --nbd "unix:$T/c.sock" --threads 2 --log-level=warning \
     --export "name=q,file=$(R q0)" || exit 1
