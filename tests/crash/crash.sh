@@ -56,9 +56,11 @@ for ((i = 1; i <= points; i++)); do
     pid=$!
     sleep "$delay"
     kill -9 $pid 2>/dev/null
-    wait $pid 2>/dev/null
+    wait $pid 2>/dev/null; wrc=$?
     why=""
-    if grep -qE 'AddressSanitizer|runtime error|crashio: .*failed' "$T/writer.log"; then
+    if [ $wrc -ne 137 ] && [ $wrc -ne 0 ]; then
+        why="writer exited with status $wrc before the kill: $(head -3 "$T/writer.log" | tr '\n' ' ')"
+    elif grep -qE 'AddressSanitizer|runtime error|crashio: .*failed' "$T/writer.log"; then
         why="writer: $(head -3 "$T/writer.log" | tr '\n' ' ')"
     fi
     if [ -z "$why" ]; then
