@@ -110,6 +110,7 @@ struct conv {
      * has little left to do */
     uint64_t unflushed;
     bool flushing;
+    uint64_t early_flush;       /* bytes between early flushes, 0: none */
     struct vd_req flush_req;
 };
 
@@ -284,7 +285,7 @@ static void finish(struct chunk *ch)
         vd_cli_progress(&cv->pr, (double)cv->done_bytes * 100.0 / (double)cv->total);
     for (int i = 0; i < ch->nw; i++)
         cv->unflushed += ch->wreq[i].len;
-    if (cv->unflushed >= EARLY_FLUSH && !cv->flushing && !cv->err && cv->next_off < cv->total) {
+    if (cv->early_flush && cv->unflushed >= cv->early_flush && !cv->flushing && !cv->err && cv->next_off < cv->total) {
         cv->flushing = flush = true;
         cv->unflushed = 0;
     }
@@ -876,6 +877,10 @@ static int run(int argc, char **argv)
     cv.in_order = !ooo;
     cv.progress = progress;
     cv.chunk = CHUNK_SIZE;
+    cv.early_flush = EARLY_FLUSH;
+    const char *ef = getenv("VDISK_CONVERT_FLUSH_MB");     /* tuning knob for benchmarks */
+    if (ef)
+        cv.early_flush = strtoull(ef, NULL, 10) << 20;
     if (compress) {
         uint32_t cl = cv.dst_top->cluster_size ? cv.dst_top->cluster_size : cv.dst_top->alloc_unit;
         if (!cv.dst_top->fmt->write_compressed || !cl) {
