@@ -14,7 +14,7 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 VERSION := 0.1.0
 
-LIB_DIRS := block formats $(wildcard formats/*/) snapshot dedup qos nbd vmm-glue migrate
+LIB_DIRS := block formats $(wildcard formats/*/) snapshot dedup qos nbd vmm-glue migrate export
 LIB_SRCS := $(sort $(foreach d,$(LIB_DIRS),$(wildcard $(d:/=)/*.c)))
 PROGS    := $(notdir $(patsubst %/,%,$(wildcard tools/*/)))
 UNIT_SRCS:= $(wildcard tests/unit/test_*.c)
@@ -27,6 +27,7 @@ CFLAGS  ?= -O2 -g
 BASE_CFLAGS := -std=gnu11 $(WARN) -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -Iinclude -I. -fPIC -pthread \
                -DVDISK_VERSION=\"$(VERSION)\"
 LIBS    := -luring -laio -lzstd -lz -ldeflate -ljansson -lcrypto -lssl -lnbd -lpthread -lm
+LIBS    += -lrbd -lrados   # Ceph RBD backend (block/proto_rbd.c); no pkg-config file
 ifeq ($(SAN),1)
   CFLAGS  := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
   LDFLAGS += -fsanitize=address,undefined
