@@ -54,6 +54,12 @@ for ((i = 1; i <= points; i++)); do
     delay=$(awk -v r=$RANDOM 'BEGIN { printf "%.3f", 0.05 + (r % 900) / 1000 }')
     "$CRASHIO" write -f "$fmt" -t "$cache" -s "$s" -b $maxb -k $every -q $q "$img" "$journal" 2> "$T/writer.log" &
     pid=$!
+    # the delay counts from the writer's start (its journal header), not
+    # from the exec: start-up under a sanitizer or load varies a lot
+    for ((w = 0; w < 200; w++)); do
+        [ -s "$journal" ] || ! kill -0 $pid 2>/dev/null && break
+        sleep 0.05
+    done
     sleep "$delay"
     kill -9 $pid 2>/dev/null
     wait $pid 2>/dev/null; wrc=$?
