@@ -63,6 +63,12 @@ for ((i = 1; i <= points; i++)); do
     sleep "$delay"
     kill -9 $pid 2>/dev/null
     wait $pid 2>/dev/null; wrc=$?
+    # A killed process's io_uring is torn down by the kernel after it is
+    # reaped; until then the image lock may still look held: wait for it.
+    for ((w = 0; w < 100; w++)); do
+        "$VDISK" info -f "$fmt" "$img" > /dev/null 2>&1 && break
+        sleep 0.05
+    done
     why=""
     if [ $wrc -ne 137 ] && [ $wrc -ne 0 ]; then
         why="writer exited with status $wrc before the kill: $(head -3 "$T/writer.log" | tr '\n' ' ')"
