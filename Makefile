@@ -14,10 +14,11 @@ PREFIX  ?= /usr/local
 DESTDIR ?=
 VERSION := 0.1.0
 
-LIB_DIRS := block formats $(wildcard formats/*/) snapshot dedup qos nbd vmm-glue migrate
+LIB_DIRS := block formats $(wildcard formats/*/) snapshot dedup qos nbd vmm-glue migrate export
 LIB_SRCS := $(sort $(foreach d,$(LIB_DIRS),$(wildcard $(d:/=)/*.c)))
 PROGS    := $(notdir $(patsubst %/,%,$(wildcard tools/*/)))
 UNIT_SRCS:= $(wildcard tests/unit/test_*.c)
+HELPER_SRCS := $(wildcard tests/helpers/*.c)
 FUZZ_SRCS:= $(wildcard fuzz/fuzz_*.c)
 PLUGIN_SRCS := $(wildcard nbd/plugin/*.c)
 
@@ -36,11 +37,12 @@ LIB_A    := $(BUILD)/lib/libvdisk.a
 LIB_SO   := $(BUILD)/lib/libvdisk.so
 BINS     := $(PROGS:%=$(BUILD)/bin/%)
 UNITS    := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
+HELPERS  := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
 PLUGIN   := $(if $(PLUGIN_SRCS),$(BUILD)/lib/nbdkit-vdisk-plugin.so)
 
 .PHONY: all tests check run bench fuzz fuzz-long crash-long install clean deps
 all: $(LIB_A) $(LIB_SO) $(BINS) $(PLUGIN)
-tests: all $(UNITS)
+tests: all $(UNITS) $(HELPERS)
 
 $(BUILD)/obj/%.o: %.c
 	@mkdir -p $(dir $@)
@@ -68,11 +70,16 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $< -Wl,--whole-archive $(LIB_A) -Wl,--no-whole-archive $(LIBS) -lcmocka
 
+# Test helper programs (tests/helpers/NAME.c -> $(BUILD)/tests/helpers/NAME).
+$(BUILD)/tests/helpers/%: $(BUILD)/obj/tests/helpers/%.o $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $< -Wl,--whole-archive $(LIB_A) -Wl,--no-whole-archive $(LIBS)
+
 $(BUILD)/lib/nbdkit-vdisk-plugin.so: $(PLUGIN_SRCS:%.c=$(BUILD)/obj/%.o) $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) -shared $(LDFLAGS) -o $@ $(filter %.o,$^) -Wl,--whole-archive $(LIB_A) -Wl,--no-whole-archive $(LIBS)
 
--include $(LIB_OBJS:.o=.d) $(wildcard $(BUILD)/obj/tools/*/*.d $(BUILD)/obj/tests/unit/*.d)
+-include $(LIB_OBJS:.o=.d) $(wildcard $(BUILD)/obj/tools/*/*.d $(BUILD)/obj/tests/unit/*.d $(BUILD)/obj/tests/helpers/*.d)
 
 deps:
 	@scripts/deps.sh
@@ -120,8 +127,17 @@ install: all
 	install -m 755 $(LIB_SO) $(DESTDIR)$(PREFIX)/lib/
 	install -m 644 include/vdisk/*.h $(DESTDIR)$(PREFIX)/include/vdisk/
 	$(if $(PLUGIN),install -d $(DESTDIR)$(PREFIX)/lib/nbdkit/plugins && install -m 755 $(PLUGIN) $(DESTDIR)$(PREFIX)/lib/nbdkit/plugins/)
-	install -m 644 $(wildcard man/*.1 man/*.8) $(DESTDIR)$(PREFIX)/share/man/man1/
+	$(if $(wildcard man/*.1),install -m 644 $(wildcard man/*.1) $(DESTDIR)$(PREFIX)/share/man/man1/)
+	$(if $(wildcard man/*.8),install -d $(DESTDIR)$(PREFIX)/share/man/man8 && install -m 644 $(wildcard man/*.8) $(DESTDIR)$(PREFIX)/share/man/man8/)
 	sed -e 's|@PREFIX@|$(PREFIX)|' -e 's|@VERSION@|$(VERSION)|' vdisk.pc.in > $(DESTDIR)$(PREFIX)/lib/pkgconfig/vdisk.pc
 
 clean:
 	rm -rf build
+
+# Test helper programs: tests/helpers/NAME.c -> $(BUILD)/tests/helpers/NAME (built by `make tests`).
+HELPER_SRCS := $(wildcard tests/helpers/*.c)
+HELPERS  := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
+tests: $(HELPERS)
+$(BUILD)/tests/helpers/%: $(BUILD)/obj/tests/helpers/%.o $(LIB_A)
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $< -Wl,--whole-archive $(LIB_A) -Wl,--no-whole-archive $(LIBS)

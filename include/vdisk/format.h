@@ -123,7 +123,8 @@ struct vd_format {
     /* Make [off, off+len) read as zeros without writing data; flags may hold
      * VD_REQ_MAY_UNMAP. -ENOTSUP: the core writes zeros instead. */
     int  (*zero)(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags);
-    /* Write cached metadata out (the core syncs the files afterwards). */
+    /* Write cached metadata out; sync any files other than l->file (extra
+     * extents). The core then syncs l->file. */
     int  (*flush)(struct vd_layer *l);
     int  (*resize)(struct vd_layer *l, uint64_t size, enum vd_prealloc prealloc);
     int  (*check)(struct vd_layer *l, unsigned fix, struct vd_check *r);

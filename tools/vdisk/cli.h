@@ -38,6 +38,8 @@ void vd_cli_err(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
  * library's message already names it). */
 void vd_cli_err_file(const char *file, int err);
 /* Bad usage: the message, then a hint at `vdisk CMD --help`; returns 1. */
+/* msg without a leading "FILE: " (for messages that name the file already). */
+const char *vd_cli_strip(const char *msg, const char *file);
 int  vd_cli_usage(const char *cmd, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* getopt_long (called with a leading ':' in optstring) returned '?' or ':'
  * for argv: report it as bad usage; returns 1. */

@@ -193,7 +193,7 @@ static int do_cmd(struct io_ctx *ctx, char *line)
         if (!rd && a.zero) {
             r = vd_disk_write_zeroes(ctx->d, a.off, a.len, (a.unmap ? VD_REQ_MAY_UNMAP : 0));
             if (r < 0) {
-                vd_cli_err("%s: write failed: %s", ctx->file, vd_errmsg(r));
+                vd_cli_err("%s: write failed: %s", ctx->file, vd_cli_strip(vd_errmsg(r), ctx->file));
                 return r;
             }
             if (!a.quiet)
@@ -208,7 +208,7 @@ static int do_cmd(struct io_ctx *ctx, char *line)
         if (rd) {
             r = vd_disk_pread(ctx->d, buf, a.len, a.off);
             if (r < 0) {
-                vd_cli_err("%s: read failed: %s", ctx->file, vd_errmsg(r));
+                vd_cli_err("%s: read failed: %s", ctx->file, vd_cli_strip(vd_errmsg(r), ctx->file));
             } else if (a.pattern >= 0 && verify(buf, a.len, a.pattern) >= 0) {
                 printf("Pattern verification failed at offset %" PRIu64 ", %" PRIu64 " bytes\n", a.off, a.len);
                 r = -EIO;
@@ -219,7 +219,7 @@ static int do_cmd(struct io_ctx *ctx, char *line)
             memset(buf, a.pattern >= 0 ? a.pattern : 0xcd, a.len);
             r = vd_disk_pwrite(ctx->d, buf, a.len, a.off, a.fua ? VD_REQ_FUA : 0);
             if (r < 0)
-                vd_cli_err("%s: write failed: %s", ctx->file, vd_errmsg(r));
+                vd_cli_err("%s: write failed: %s", ctx->file, vd_cli_strip(vd_errmsg(r), ctx->file));
             else if (!a.quiet)
                 report("wrote", a.len, a.off, now_since(&t0));
         }
@@ -255,7 +255,7 @@ static int do_cmd(struct io_ctx *ctx, char *line)
             return -EIO;
         r = vd_disk_flush(ctx->d);
         if (r < 0)
-            vd_cli_err("%s: flush failed: %s", ctx->file, vd_errmsg(r));
+            vd_cli_err("%s: flush failed: %s", ctx->file, vd_cli_strip(vd_errmsg(r), ctx->file));
         return r;
     }
     if (!strcmp(cmd, "discard")) {
@@ -263,7 +263,7 @@ static int do_cmd(struct io_ctx *ctx, char *line)
             return -EINVAL;
         r = vd_disk_discard(ctx->d, a.off, a.len);
         if (r < 0)
-            vd_cli_err("%s: discard failed: %s", ctx->file, vd_errmsg(r));
+            vd_cli_err("%s: discard failed: %s", ctx->file, vd_cli_strip(vd_errmsg(r), ctx->file));
         else if (!a.quiet)
             report("discard", a.len, a.off, now_since(&t0));
         return r;
@@ -271,7 +271,7 @@ static int do_cmd(struct io_ctx *ctx, char *line)
     if (!strcmp(cmd, "flush")) {
         r = vd_disk_flush(ctx->d);
         if (r < 0)
-            vd_cli_err("%s: flush failed: %s", ctx->file, vd_errmsg(r));
+            vd_cli_err("%s: flush failed: %s", ctx->file, vd_cli_strip(vd_errmsg(r), ctx->file));
         return r;
     }
     if (!strcmp(cmd, "truncate")) {
@@ -279,7 +279,7 @@ static int do_cmd(struct io_ctx *ctx, char *line)
             return -EINVAL;
         r = vd_disk_resize(ctx->d, a.off, VD_PREALLOC_OFF);
         if (r < 0)
-            vd_cli_err("%s: truncate failed: %s", ctx->file, vd_errmsg(r));
+            vd_cli_err("%s: truncate failed: %s", ctx->file, vd_cli_strip(vd_errmsg(r), ctx->file));
         return r;
     }
     if (!strcmp(cmd, "length")) {

@@ -147,6 +147,12 @@ static int run(int argc, char **argv)
         cur = next;
         have = true;
     }
+    if (!have && rc == 0) {
+        /* nothing to map (empty image, start past the end): qemu-img shows
+         * one empty extent */
+        cur = (struct entry){ .start = start };
+        have = true;
+    }
     if (have && dump(&cur, json, false) < 0)
         rc = 1;
     if (json)

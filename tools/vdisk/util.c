@@ -30,6 +30,14 @@ void vd_cli_err_file(const char *file, int err)
         vd_cli_err("%s", msg);
 }
 
+const char *vd_cli_strip(const char *msg, const char *file)
+{
+    size_t n = strlen(file);
+    if (!strncmp(msg, file, n) && msg[n] == ':' && msg[n + 1] == ' ')
+        return msg + n + 2;
+    return msg;
+}
+
 int vd_cli_usage(const char *cmd, const char *fmt, ...)
 {
     va_list ap;

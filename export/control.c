@@ -1,0 +1,431 @@
+/* The control socket server: newline-delimited JSON requests on a Unix
+ * socket, answered in order; events are broadcast to every client. Runs
+ * on one loop (the daemon's main loop). A client's input line and its
+ * unsent output are bounded; one that exceeds them is dropped. */
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/time.h>
+#include <sys/un.h>
+#include <unistd.h>
+#include "vdisk/control.h"
+#include "vdisk/error.h"
+#include "vdisk/export.h"
+
+#define MAX_LINE    (1u << 20)
+#define MAX_OUT     (8u << 20)
+#define MAX_CMDS    64
+
+struct cmd {
+    const char *name;
+    vd_control_fn fn;
+};
+static struct cmd cmds[MAX_CMDS];
+static size_t ncmds;
+static pthread_mutex_t cmd_lock = PTHREAD_MUTEX_INITIALIZER;
+
+struct client {
+    struct vd_control *srv;
+    int fd;
+    char *in;
+    size_t in_len, in_cap;
+    char *out;
+    size_t out_len, out_cap;
+    uint32_t events;
+    struct client *next;
+};
+
+struct vd_control {
+    struct vd_loop *loop;
+    int lfd;
+    char *path;
+    struct client *clients;
+};
+
+static pthread_mutex_t srv_lock = PTHREAD_MUTEX_INITIALIZER;
+static struct vd_control *the_server;   /* for events */
+
+void vd_control_register(const char *name, vd_control_fn fn)
+{
+    pthread_mutex_lock(&cmd_lock);
+    size_t i;
+    for (i = 0; i < ncmds && strcmp(cmds[i].name, name); i++)
+        ;
+    if (i < MAX_CMDS) {
+        cmds[i] = (struct cmd){ name, fn };
+        if (i == ncmds)
+            ncmds++;
+    }
+    pthread_mutex_unlock(&cmd_lock);
+}
+
+static vd_control_fn find_cmd(const char *name)
+{
+    vd_control_fn fn = NULL;
+    pthread_mutex_lock(&cmd_lock);
+    for (size_t i = 0; i < ncmds; i++)
+        if (!strcmp(cmds[i].name, name))
+            fn = cmds[i].fn;
+    pthread_mutex_unlock(&cmd_lock);
+    return fn;
+}
+
+static json_t *error_reply(const char *cls, const char *desc)
+{
+    return json_pack("{s:{s:s,s:s}}", "error", "class", cls, "desc", desc);
+}
+
+static const char *err_class(int r)
+{
+    switch (r) {
+    case -ENOENT: return "NotFound";
+    case -EEXIST: return "AlreadyExists";
+    case -EBUSY: return "Busy";
+    case -EINVAL: return "InvalidParameter";
+    case -EAGAIN: return "Locked";
+    default: return "GenericError";
+    }
+}
+
+json_t *vd_control_execute(json_t *req)
+{
+    json_t *reply;
+    if (!json_is_object(req))
+        return error_reply("InvalidRequest", "a request must be a JSON object");
+    json_t *exe = json_object_get(req, "execute");
+    json_t *args = json_object_get(req, "arguments");
+    if (!json_is_string(exe))
+        reply = error_reply("InvalidRequest", "missing \"execute\" (a command name)");
+    else if (args && !json_is_object(args))
+        reply = error_reply("InvalidRequest", "\"arguments\" must be an object");
+    else {
+        vd_control_fn fn = find_cmd(json_string_value(exe));
+        if (!fn) {
+            char msg[300];
+            snprintf(msg, sizeof msg, "unknown command '%.200s'", json_string_value(exe));
+            reply = error_reply("CommandNotFound", msg);
+        } else {
+            json_t *empty = NULL;
+            if (!args)
+                args = empty = json_object();
+            json_t *ret = NULL;
+            vd_err_clear();
+            int r = fn(args, &ret);
+            json_decref(empty);
+            if (r < 0) {
+                reply = error_reply(err_class(r), vd_errmsg(r));
+                json_decref(ret);
+            } else {
+                reply = json_object();
+                json_object_set_new(reply, "return", ret ? ret : json_object());
+            }
+        }
+    }
+    json_t *id = json_object_get(req, "id");
+    if (id)
+        json_object_set(reply, "id", id);
+    return reply;
+}
+
+/* ---- clients ---- */
+
+static void client_free(struct client *cl)
+{
+    struct vd_control *s = cl->srv;
+    for (struct client **pp = &s->clients; *pp; pp = &(*pp)->next)
+        if (*pp == cl) {
+            *pp = cl->next;
+            break;
+        }
+    vd_loop_del_fd(s->loop, cl->fd);
+    close(cl->fd);
+    free(cl->in);
+    free(cl->out);
+    free(cl);
+}
+
+static int client_queue(struct client *cl, const char *s, size_t n)
+{
+    if (cl->out_len + n + 1 > MAX_OUT)
+        return -ENOBUFS;
+    if (cl->out_len + n + 1 > cl->out_cap) {
+        size_t cap = cl->out_cap ? cl->out_cap : 4096;
+        while (cap < cl->out_len + n + 1)
+            cap *= 2;
+        char *p = realloc(cl->out, cap);
+        if (!p)
+            return -ENOMEM;
+        cl->out = p;
+        cl->out_cap = cap;
+    }
+    memcpy(cl->out + cl->out_len, s, n);
+    cl->out[cl->out_len + n] = '\n';
+    cl->out_len += n + 1;
+    return 0;
+}
+
+static int client_send_json(struct client *cl, json_t *j)
+{
+    char *s = json_dumps(j, JSON_COMPACT);
+    if (!s)
+        return -ENOMEM;
+    int r = client_queue(cl, s, strlen(s));
+    free(s);
+    return r;
+}
+
+/* Returns -1 when the client is gone. */
+static int client_flush(struct client *cl)
+{
+    while (cl->out_len) {
+        ssize_t n = send(cl->fd, cl->out, cl->out_len, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            if (errno == EAGAIN || errno == EWOULDBLOCK)
+                break;
+            return -1;
+        }
+        memmove(cl->out, cl->out + n, cl->out_len - (size_t)n);
+        cl->out_len -= (size_t)n;
+    }
+    uint32_t ev = EPOLLIN | (cl->out_len ? EPOLLOUT : 0);
+    if (ev != cl->events) {
+        vd_loop_mod_fd(cl->srv->loop, cl->fd, ev);
+        cl->events = ev;
+    }
+    return 0;
+}
+
+static void handle_line(struct client *cl, char *line, size_t len)
+{
+    while (len && (line[len - 1] == '\r' || line[len - 1] == ' ' || line[len - 1] == '\t'))
+        len--;
+    if (!len)
+        return;
+    json_error_t jerr;
+    json_t *req = json_loadb(line, len, 0, &jerr);
+    json_t *reply;
+    if (!req) {
+        char msg[300];
+        snprintf(msg, sizeof msg, "JSON parse error: %s", jerr.text);
+        reply = error_reply("InvalidRequest", msg);
+    } else {
+        reply = vd_control_execute(req);
+        json_decref(req);
+    }
+    client_send_json(cl, reply);
+    json_decref(reply);
+}
+
+static void client_event(struct vd_loop *loop, int fd, uint32_t events, void *opaque)
+{
+    struct client *cl = opaque;
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+        for (;;) {
+            if (cl->in_cap - cl->in_len < 4096) {
+                if (cl->in_cap >= MAX_LINE + 4096) {
+                    client_send_json(cl, error_reply("InvalidRequest", "request line too long"));
+                    client_flush(cl);
+                    client_free(cl);
+                    return;
+                }
+                size_t cap = cl->in_cap ? cl->in_cap * 2 : 8192;
+                char *p = realloc(cl->in, cap);
+                if (!p) {
+                    client_free(cl);
+                    return;
+                }
+                cl->in = p;
+                cl->in_cap = cap;
+            }
+            ssize_t n = recv(fd, cl->in + cl->in_len, cl->in_cap - cl->in_len, MSG_DONTWAIT);
+            if (n < 0 && errno == EINTR)
+                continue;
+            if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+                break;
+            if (n <= 0) {
+                client_free(cl);
+                return;
+            }
+            size_t start = 0;
+            for (size_t i = cl->in_len; i < cl->in_len + (size_t)n; i++)
+                if (cl->in[i] == '\n') {
+                    handle_line(cl, cl->in + start, i - start);
+                    start = i + 1;
+                }
+            cl->in_len += (size_t)n;
+            memmove(cl->in, cl->in + start, cl->in_len - start);
+            cl->in_len -= start;
+            if (cl->in_len > MAX_LINE) {
+                client_send_json(cl, error_reply("InvalidRequest", "request line too long"));
+                client_flush(cl);
+                client_free(cl);
+                return;
+            }
+        }
+    }
+    if (client_flush(cl) < 0)
+        client_free(cl);
+}
+
+static void accept_event(struct vd_loop *loop, int fd, uint32_t events, void *opaque)
+{
+    struct vd_control *s = opaque;
+    for (;;) {
+        int cfd = accept4(fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (cfd < 0)
+            return;
+        struct client *cl = calloc(1, sizeof *cl);
+        if (!cl) {
+            close(cfd);
+            continue;
+        }
+        cl->srv = s;
+        cl->fd = cfd;
+        cl->events = EPOLLIN;
+        if (vd_loop_add_fd(loop, cfd, EPOLLIN, client_event, cl) < 0) {
+            close(cfd);
+            free(cl);
+            continue;
+        }
+        cl->next = s->clients;
+        s->clients = cl;
+        json_t *g = json_pack("{s:{s:s,s:s,s:[]}}", "greeting", "program", "vdiskd", "version",
+                              VDISK_VERSION, "capabilities");
+        client_send_json(cl, g);
+        json_decref(g);
+        if (client_flush(cl) < 0)
+            client_free(cl);
+    }
+}
+
+int vd_control_open(struct vd_loop *loop, const char *path, int fd, struct vd_control **out)
+{
+    struct vd_control *s = calloc(1, sizeof *s);
+    if (!s)
+        return -ENOMEM;
+    s->loop = loop;
+    s->lfd = fd;
+    if (fd < 0) {
+        struct sockaddr_un a = { .sun_family = AF_UNIX };
+        if (strlen(path) >= sizeof a.sun_path) {
+            free(s);
+            return vd_err(-ENAMETOOLONG, "%s: control socket path too long", path);
+        }
+        strcpy(a.sun_path, path);
+        s->lfd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
+        if (s->lfd < 0) {
+            free(s);
+            return vd_err(-errno, "socket: %s", strerror(errno));
+        }
+        /* A stale socket from a previous run is replaced; a live one is not. */
+        int probe = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        if (probe >= 0 && connect(probe, (struct sockaddr *)&a, sizeof a) == 0) {
+            close(probe);
+            close(s->lfd);
+            free(s);
+            return vd_err(-EADDRINUSE, "%s: another daemon is listening there", path);
+        }
+        if (probe >= 0)
+            close(probe);
+        unlink(path);
+        if (bind(s->lfd, (struct sockaddr *)&a, sizeof a) < 0 || listen(s->lfd, 16) < 0) {
+            int e = errno;
+            close(s->lfd);
+            free(s);
+            return vd_err(-e, "%s: %s", path, strerror(e));
+        }
+        chmod(path, 0600);
+        s->path = strdup(path);
+    } else {
+        int fl = fcntl(fd, F_GETFL);
+        fcntl(fd, F_SETFL, fl | O_NONBLOCK);
+    }
+    int r = vd_loop_add_fd(loop, s->lfd, EPOLLIN, accept_event, s);
+    if (r < 0) {
+        close(s->lfd);
+        if (s->path)
+            unlink(s->path);
+        free(s->path);
+        free(s);
+        return r;
+    }
+    pthread_mutex_lock(&srv_lock);
+    the_server = s;
+    pthread_mutex_unlock(&srv_lock);
+    *out = s;
+    return 0;
+}
+
+void vd_control_close(struct vd_control *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&srv_lock);
+    if (the_server == s)
+        the_server = NULL;
+    pthread_mutex_unlock(&srv_lock);
+    while (s->clients) {
+        client_flush(s->clients);
+        client_free(s->clients);
+    }
+    vd_loop_del_fd(s->loop, s->lfd);
+    close(s->lfd);
+    if (s->path)
+        unlink(s->path);
+    free(s->path);
+    free(s);
+}
+
+struct ev_job {
+    struct vd_control *srv;
+    char *text;
+};
+
+static void broadcast(void *opaque)
+{
+    struct ev_job *j = opaque;
+    pthread_mutex_lock(&srv_lock);
+    struct vd_control *s = the_server;
+    pthread_mutex_unlock(&srv_lock);
+    if (s == j->srv) {
+        struct client *cl = s->clients, *next;
+        for (; cl; cl = next) {
+            next = cl->next;
+            if (client_queue(cl, j->text, strlen(j->text)) < 0 || client_flush(cl) < 0)
+                client_free(cl);
+        }
+    }
+    free(j->text);
+    free(j);
+}
+
+void vd_control_event(const char *name, json_t *data)
+{
+    struct timeval tv;
+    gettimeofday(&tv, NULL);
+    json_t *ev = json_pack("{s:s,s:o,s:{s:I,s:I}}", "event", name, "data", data ? data : json_object(),
+                           "timestamp", "seconds", (json_int_t)tv.tv_sec, "microseconds",
+                           (json_int_t)tv.tv_usec);
+    if (!ev)
+        return;
+    char *text = json_dumps(ev, JSON_COMPACT);
+    json_decref(ev);
+    pthread_mutex_lock(&srv_lock);
+    struct vd_control *s = the_server;
+    struct ev_job *j = s && text ? malloc(sizeof *j) : NULL;
+    if (j) {
+        j->srv = s;
+        j->text = text;
+        vd_loop_post(s->loop, broadcast, j);
+    } else {
+        free(text);
+    }
+    pthread_mutex_unlock(&srv_lock);
+}

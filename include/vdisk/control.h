@@ -1,0 +1,31 @@
+/* The daemon's JSON control socket (docs/control.md): one JSON object per
+ * line in each direction, QMP-like:
+ *   → {"execute": "query-exports", "arguments": {...}, "id": 1}
+ *   ← {"return": ..., "id": 1}  or  {"error": {"class": "...", "desc": "..."}, "id": 1}
+ *   ← {"event": "EXPORT_DELETED", "data": {...}, "timestamp": {...}}
+ * Commands register by name from any file; they run on the control loop's
+ * thread and may block briefly (export-del waits for the export to drain). */
+#ifndef VDISK_CONTROL_H
+#define VDISK_CONTROL_H
+
+#include <jansson.h>
+#include "loop.h"
+
+/* args: the "arguments" object (never NULL). Return 0 and set *ret (a new
+ * reference; NULL means {}), or -errno with a message through vd_err(). */
+typedef int (*vd_control_fn)(json_t *args, json_t **ret);
+void vd_control_register(const char *name, vd_control_fn fn);
+
+struct vd_control;
+/* Serve the control protocol on a listening Unix socket (path: created,
+ * and removed by vd_control_close; or fd >= 0: an already listening one). */
+int  vd_control_open(struct vd_loop *loop, const char *path, int fd, struct vd_control **out);
+void vd_control_close(struct vd_control *c);
+/* Broadcast an event to every control client (thread-safe; data is
+ * consumed, may be NULL). */
+void vd_control_event(const char *name, json_t *data);
+/* Run one command as a control client would (tests, --export at start-up):
+ * returns the reply object ({"return"} or {"error"}). */
+json_t *vd_control_execute(json_t *request);
+
+#endif

@@ -1,0 +1,75 @@
+/* A vhost-user-blk front-end as a library: connects to a back-end socket
+ * (vdiskd, qemu-storage-daemon), shares memfd-backed memory, negotiates,
+ * sets up split virtqueues and moves virtio-blk requests without a VM, in
+ * the way libblkio's virtio-blk-vhost-user driver does. I/O buffers must
+ * lie in the shared buffer area (vd_vhu_buf). One thread per queue may
+ * submit and reap on that queue; connection calls are not thread-safe. */
+#ifndef VMM_GLUE_VHOST_FRONT_H
+#define VMM_GLUE_VHOST_FRONT_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+struct vd_vhu;
+
+struct vd_vhu_opts {
+    unsigned num_queues;     /* 0: 1 */
+    unsigned queue_size;     /* power of two, 0: 128 */
+    size_t buf_size;         /* shared buffer area in bytes (0: 64 MiB) */
+    bool no_indirect;        /* three ring descriptors per request */
+    bool no_event_idx;
+    bool no_inflight;        /* do not ask for inflight tracking */
+    bool split_memory;       /* buffers in a second memory region */
+};
+
+enum vd_vhu_op { VD_VHU_READ, VD_VHU_WRITE, VD_VHU_FLUSH, VD_VHU_DISCARD,
+                 VD_VHU_WRITE_ZEROES, VD_VHU_GET_ID };
+
+struct vd_vhu_io {
+    enum vd_vhu_op op;
+    uint64_t off;            /* bytes, multiple of 512 */
+    uint32_t len;            /* bytes (GET_ID: 20) */
+    void *buf;               /* inside vd_vhu_buf()'s area */
+    bool unmap;              /* write-zeroes: may deallocate */
+    void *cookie;
+};
+
+struct vd_vhu_done {
+    void *cookie;
+    int status;              /* VIRTIO_BLK_S_*: 0 OK, 1 IOERR, 2 UNSUPP */
+    uint32_t used_len;
+};
+
+int  vd_vhu_connect(const char *path, const struct vd_vhu_opts *o, struct vd_vhu **out);
+void vd_vhu_close(struct vd_vhu *f);
+uint64_t vd_vhu_capacity(const struct vd_vhu *f);      /* bytes */
+unsigned vd_vhu_num_queues(const struct vd_vhu *f);
+uint64_t vd_vhu_features(const struct vd_vhu *f);     /* negotiated virtio features */
+uint64_t vd_vhu_protocol_features(const struct vd_vhu *f);
+void    *vd_vhu_buf(const struct vd_vhu *f, size_t *size);
+/* Read the device config space again (e.g. after a resize). */
+int  vd_vhu_refresh_config(struct vd_vhu *f);
+
+/* Queue one request; -EAGAIN when the queue is full. Nothing reaches the
+ * back-end before vd_vhu_kick. */
+int  vd_vhu_submit(struct vd_vhu *f, unsigned q, const struct vd_vhu_io *io);
+void vd_vhu_kick(struct vd_vhu *f, unsigned q);
+/* Completed requests (non-blocking); returns how many were stored. */
+int  vd_vhu_reap(struct vd_vhu *f, unsigned q, struct vd_vhu_done *out, int max);
+/* Requests submitted and not yet reaped on queue q. */
+unsigned vd_vhu_pending(const struct vd_vhu *f, unsigned q);
+/* Wait until queue q has completions, up to timeout_ms: 1 ready, 0 timed
+ * out, -EPIPE when the back-end went away (call vd_vhu_reconnect). */
+int  vd_vhu_wait(struct vd_vhu *f, unsigned q, int timeout_ms);
+int  vd_vhu_call_fd(const struct vd_vhu *f, unsigned q);
+int  vd_vhu_sock_fd(const struct vd_vhu *f);
+/* Arm interrupts for q (before sleeping on its call fd): true when
+ * completions are already there. */
+bool vd_vhu_arm(struct vd_vhu *f, unsigned q);
+/* Connect again (retrying up to timeout_ms) and restore the queues, keeping
+ * the requests in flight: with inflight tracking the back-end resubmits
+ * them. */
+int  vd_vhu_reconnect(struct vd_vhu *f, int timeout_ms);
+
+#endif
