@@ -24,11 +24,11 @@ with open(sys.argv[1], 'rb') as h:
     h.seek(int(sys.argv[2], 0)); print(struct.unpack('>' + sys.argv[3], h.read(struct.calcsize(sys.argv[3])))[0])
 " "$@"; }
 
-fresh() {   # name [create opts]: a small image with some data
+qemu-img create -q -f qcow2 "$T/template.qcow2" 4M
+qemu-io -c "write -P 0x61 0 256k" -c "write -P 0x62 1M 64k" "$T/template.qcow2" >/dev/null
+fresh() {   # name: a copy of a small image with some data
     local f=$T/$1.qcow2
-    rm -f "$f"
-    qemu-img create -q -f qcow2 ${2:+-o "$2"} "$f" 4M
-    qemu-io -c "write -P 0x61 0 256k" -c "write -P 0x62 1M 64k" "$f" >/dev/null
+    cp "$T/template.qcow2" "$f"
     echo "$f"
 }
 

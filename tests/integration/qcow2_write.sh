@@ -14,7 +14,7 @@ ops() {
 import random, sys
 seed, size, cs, disc = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "1"
 r = random.Random(seed)
-for i in range(48):
+for i in range(32):
     k = r.random()
     off = r.randrange(0, size - 1)
     ln = min(size - off, r.choice([1, 511, 512, 4096, 65536, 100000, 300000, 1 << 20, 3 << 20]))
@@ -50,7 +50,7 @@ qcompare() {   # a b name
     check "$3: qemu-img compare with the raw shadow says identical" qemu-img compare "$1" "$2"
 }
 
-SIZE=$((24 << 20))
+SIZE=$((16 << 20))
 configs=(
     "v2|compat=0.10|65536"
     "v3|compat=1.1|65536"
@@ -76,7 +76,7 @@ for c in "${configs[@]}"; do
     qcheck "$img" "$name (fresh)"
     truncate -s $SIZE "$shadow"
     # several sessions, so that images are reopened between batches
-    for batch in 1 2 3; do
+    for batch in 1 2; do
         ops $seed $SIZE "$cs" 1 > "$T/ops"; seed=$((seed + 1))
         run_ops vdisk "$img" qcow2 "$T/ops" || fail "$name: vdisk io batch $batch"
         run_ops qemu "$shadow" raw "$T/ops"
