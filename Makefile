@@ -27,6 +27,7 @@ CFLAGS  ?= -O2 -g
 BASE_CFLAGS := -std=gnu11 $(WARN) -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -Iinclude -I. -fPIC -pthread \
                -DVDISK_VERSION=\"$(VERSION)\"
 LIBS    := -luring -laio -lzstd -lz -ldeflate -ljansson -lcrypto -lssl -lnbd -lpthread -lm
+LIBS    += -lrbd -lrados   # Ceph RBD backend (block/proto_rbd.c); no pkg-config file
 ifeq ($(SAN),1)
   CFLAGS  := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
   LDFLAGS += -fsanitize=address,undefined
@@ -133,11 +134,3 @@ install: all
 
 clean:
 	rm -rf build
-
-# Test helper programs: tests/helpers/NAME.c -> $(BUILD)/tests/helpers/NAME (built by `make tests`).
-HELPER_SRCS := $(wildcard tests/helpers/*.c)
-HELPERS  := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
-tests: $(HELPERS)
-$(BUILD)/tests/helpers/%: $(BUILD)/obj/tests/helpers/%.o $(LIB_A)
-	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $< -Wl,--whole-archive $(LIB_A) -Wl,--no-whole-archive $(LIBS)

@@ -25,6 +25,7 @@ struct vhb_req {
     struct vhu_mtab *mt;       /* keeps the guest memory mapped until done */
     uint8_t *status;
     uint32_t used_len;
+    uint64_t t0;               /* submission time (ns), with a stat callback */
     uint16_t head;
     bool busy;
     struct iovec iov[VHB_IOV_CAP];

@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -80,10 +81,28 @@ static void complete(struct vhb_req *r, uint8_t status)
     }
 }
 
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + ts.tv_nsec;
+}
+
 static void req_done(struct vd_req *vr, int res)
 {
     struct vhb_req *r = vr->opaque;
+    const struct vd_vhost_blk_opts *o = &r->q->b->o;
+    if (o->stat)
+        o->stat(o->stat_opaque, vr->op, vr->op == VD_OP_READ || vr->op == VD_OP_WRITE ? vr->len : 0,
+                now_ns() - r->t0, res);
     complete(r, res == 0 ? VIRTIO_BLK_S_OK : VIRTIO_BLK_S_IOERR);
+}
+
+/* Hand a parsed request to the disk. */
+static void submit(struct vhb_queue *q, struct vhb_req *r)
+{
+    if (q->b->o.stat) r->t0 = now_ns();
+    vd_disk_submit(q->b->disk, &r->vr);
 }
 
 /* Find the last device-writable byte (the status) and cut it off the
@@ -145,7 +164,7 @@ static void handle(struct vhb_queue *q, uint16_t head)
     c.iov = r->iov;
     c.cap = VHB_IOV_CAP;
     int bad = virtq_map_chain(&q->vq, head, &c);
-    r->status = take_status(r, &c);
+    r->status = bad < 0 && c.status ? c.status : take_status(r, &c);
     if (r->status) r->used_len = 1;
     if (bad < 0 || !r->status || c.out_len < sizeof(h)) {
         complete(r, VIRTIO_BLK_S_IOERR);
@@ -172,7 +191,7 @@ static void handle(struct vhb_queue *q, uint16_t head)
         STAT_ADD(q->st_reads, 1);
         STAT_ADD(q->st_bytes_read, c.in_len);
         if (vr->len == 0) { complete(r, VIRTIO_BLK_S_OK); return; }
-        vd_disk_submit(b->disk, vr);
+        submit(q, r);
         return;
     case VIRTIO_BLK_T_OUT:
         if (b->o.readonly || c.in_len || out_data % VIRTIO_BLK_SECTOR ||
@@ -187,12 +206,12 @@ static void handle(struct vhb_queue *q, uint16_t head)
         STAT_ADD(q->st_writes, 1);
         STAT_ADD(q->st_bytes_written, out_data);
         if (vr->len == 0) { complete(r, VIRTIO_BLK_S_OK); return; }
-        vd_disk_submit(b->disk, vr);
+        submit(q, r);
         return;
     case VIRTIO_BLK_T_FLUSH:
         vr->op = VD_OP_FLUSH;
         STAT_ADD(q->st_flushes, 1);
-        vd_disk_submit(b->disk, vr);
+        submit(q, r);
         return;
     case VIRTIO_BLK_T_GET_ID: {
         uint64_t n = c.in_len < VIRTIO_BLK_ID_BYTES ? c.in_len : VIRTIO_BLK_ID_BYTES;
@@ -222,7 +241,7 @@ static void handle(struct vhb_queue *q, uint16_t head)
         vr->len = (uint64_t)s.num_sectors * VIRTIO_BLK_SECTOR;
         STAT_ADD(*(wz ? &q->st_wz : &q->st_discards), 1);
         if (vr->len == 0) { complete(r, VIRTIO_BLK_S_OK); return; }
-        vd_disk_submit(b->disk, vr);
+        submit(q, r);
         return;
     }
     default:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # vhost-user-blk through the front-end library (tests/helpers/vhost_io):
-# against vdisk's back-end and against qemu-storage-daemon, with data
+# against vdiskd --export type=vhost-user-blk and against qemu-storage-daemon, with data
 # verified in the guest memory and the image checked with qemu-img compare
 # afterwards; multi-queue, indirect or not, EVENT_IDX or not, two memory
 # regions; a front-end that dies mid-I/O leaves the export usable.
@@ -8,14 +8,26 @@ source "$(dirname "$0")/../lib.sh"
 H=$VDISK_BUILD/tests/helpers
 IO=$H/vhost_io
 
-# start_vdisk IMAGE SOCKET [options]: the vdisk back-end in the background
+# start_vdisk IMAGE SOCKET [export options]: vdiskd serving IMAGE over
+# vhost-user-blk, in the background
 start_vdisk() {
-    local img=$1 sock=$2; shift 2
+    local img=$1 sock=$2 opts=${3:+,$3}
     rm -f "$sock"
-    "$H/vhost_serve" --format raw --serial vdisk-test "$@" --pidfile "$sock.pid" "$img" "$sock" 2>> "$T/serve.log" &
+    "$VDISKD" --nbd "unix:$sock.nbd" --control "$sock.ctl" --pidfile "$sock.pid" \
+        --export "type=vhost-user-blk,name=vdisk-test,file=$img,format=raw,socket=$sock$opts" 2>> "$T/serve.log" &
     on_exit "kill $! 2>/dev/null; wait $! 2>/dev/null"
-    for _ in $(seq 100); do [ -S "$sock" ] && return 0; sleep 0.05; done
+    for _ in $(seq 200); do [ -S "$sock" ] && [ -f "$sock.pid" ] && return 0; sleep 0.05; done
     return 1
+}
+# ctl SOCKET COMMAND ARGS-JSON: one control command; prints the reply
+ctl() {
+    python3 - "$@" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.readline()
+f.write(json.dumps({"execute": sys.argv[2], "arguments": json.loads(sys.argv[3])}) + "\n"); f.flush()
+r = f.readline(); print(r.strip()); sys.exit(0 if '"return"' in r else 1)
+PY
 }
 stop_pid() {
     local pid; pid=$(cat "$1" 2>/dev/null) || return 0
@@ -24,7 +36,7 @@ stop_pid() {
 }
 
 truncate -s 64M "$T/a.raw"
-start_vdisk "$T/a.raw" "$T/a.sock" --num-queues 4
+start_vdisk "$T/a.raw" "$T/a.sock" num-queues=4
 check "vdisk: all request types, 2 queues, data verified" \
     "$IO" --queues 2 --qd 8 --bs 64K --seed 11 --expect "$T/a.expect" "$T/a.sock"
 check "vdisk: serial through GET_ID" bash -c "'$IO' --queues 1 --qd 1 --bs 4K --size 4M --seed 11 '$T/a.sock' | grep -qx 'serial: vdisk-test'"
@@ -40,6 +52,17 @@ check "vdisk: small queue, deep chains" \
 io=$!; sleep 0.3; kill -9 $io 2>/dev/null; wait $io 2>/dev/null
 check "vdisk: usable after a front-end died mid-I/O" \
     "$IO" --queues 2 --qd 8 --bs 64K --seed 14 --expect "$T/a.expect" "$T/a.sock"
+# online resize: the front-end hears of it on the back-end channel
+"$IO" --mode resize-wait --runtime 20 "$T/a.sock" > "$T/resize.out" 2>&1 &
+rz=$!
+sleep 0.5
+check "vhost-user-blk-resize on the control socket" ctl "$T/a.sock.ctl" vhost-user-blk-resize '{"name": "vdisk-test", "size": 100663296}'
+wait $rz; rc=$?
+if [ $rc -eq 0 ] && [ "$(grep -c '^capacity' "$T/resize.out")" = 2 ] && grep -qx 'capacity 100663296' "$T/resize.out"; then
+    ok "config change reaches the front-end; new capacity readable"
+else fail "config change reaches the front-end; new capacity readable" "$(tr '\n' ' ' < "$T/resize.out")"; fi
+check_fails "vhost-user-blk-resize of an unknown export fails" ctl "$T/a.sock.ctl" vhost-user-blk-resize '{"name": "nope", "size": 1048576}'
+truncate -s 64M "$T/a.raw"     # back to the size the expected image has
 stop_pid "$T/a.sock.pid"
 check "vdisk: image content as expected (qemu-img compare)" qemu-img compare -f raw -F raw "$T/a.expect" "$T/a.raw"
 if grep -qE 'AddressSanitizer|runtime error|LeakSanitizer' "$T/serve.log"; then
@@ -48,7 +71,7 @@ else ok "vdisk back-end: no sanitizer report"; fi
 
 # read-only export: writes fail, reads work
 truncate -s 16M "$T/ro.raw"
-start_vdisk "$T/ro.raw" "$T/ro.sock" --readonly
+start_vdisk "$T/ro.raw" "$T/ro.sock" readonly=on
 check "vdisk: read-only export reads" "$IO" --mode seqread --runtime 0.2 --queues 1 --qd 4 --bs 4K "$T/ro.sock"
 check_fails "vdisk: read-only export refuses writes" "$IO" --mode fill --queues 1 --qd 4 --bs 4K "$T/ro.sock"
 stop_pid "$T/ro.sock.pid"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Back-end restart with I/O in flight: the front-end library writes a
+# vdiskd restart with I/O in flight: the front-end library writes a
 # pattern over the whole disk at depth 32 on 2 queues; the back-end is
 # killed (SIGKILL) and started again twice meanwhile; the front-end
 # reconnects, the new back-end resubmits what the old one had taken
@@ -13,7 +13,8 @@ IMG=$T/r.raw SOCK=$T/r.sock
 # torn down its io_uring, a moment after the process is gone: retry.
 start() {
     for _ in $(seq 100); do
-        "$H/vhost_serve" --format raw --cache none --num-queues 2 "$IMG" "$SOCK" 2>> "$T/serve.log" &
+        "$VDISKD" --nbd "unix:$T/nbd.sock" \
+            --export "type=vhost-user-blk,file=$IMG,format=raw,cache=none,socket=$SOCK,num-queues=2" 2>> "$T/serve.log" &
         SERVER=$!
         for _ in $(seq 200); do
             [ -S "$SOCK" ] && { on_exit "kill $SERVER 2>/dev/null"; return 0; }

@@ -1,0 +1,180 @@
+#!/usr/bin/env bash
+# Ceph RBD images (block/proto_rbd.c) against a throwaway single-node cluster
+# on 127.0.0.1 (tests/rbd/cluster.sh), checked with the real peers: the rbd
+# tool and qemu-img's own rbd driver. A cluster that does not come up fails
+# the test loudly.
+source "$(dirname "$0")/../lib.sh"
+source "$VDISK_ROOT/tests/helpers/nbd_common.bash"
+
+CLUSTER=$VDISK_ROOT/tests/rbd/cluster.sh
+on_exit "$CLUSTER stop $T/ceph >/dev/null 2>&1"
+if ! CONF=$(RBD_CLUSTER_TIMEOUT=90 "$CLUSTER" start "$T/ceph" rbd 2> "$T/cluster.err"); then
+    fail "throwaway Ceph cluster starts" "$(tail -n 20 "$T/cluster.err" | tr '\n' ' ')"
+    exit 1
+fi
+ok "throwaway Ceph cluster starts"
+
+R() { echo "rbd:rbd/$1:conf=$CONF${2:+:$2}"; }      # R IMAGE [OPTS]
+rbdc() { timeout 60 rbd -c "$CONF" "$@"; }
+MiB=1048576
+
+# The helper drives the library directly (hold an image open, write/verify).
+HELPER=$VDISK_BUILD/tests/helpers/rbd_io
+
+# A sparse 64 MiB source: data at 0-1 MiB, 20-21 MiB and 40-44 MiB.
+rand_file "$T/d1" 1 1; rand_file "$T/d2" 1 2; rand_file "$T/d3" 4 3
+truncate -s 64M "$T/src.raw"
+dd if="$T/d1" of="$T/src.raw" bs=1M seek=0 conv=notrunc status=none
+dd if="$T/d2" of="$T/src.raw" bs=1M seek=20 conv=notrunc status=none
+dd if="$T/d3" of="$T/src.raw" bs=1M seek=40 conv=notrunc status=none
+
+# ---- create ----
+check "create -f raw on rbd" $VDISK create -f raw "$(R new1)" 10G
+size=$(rbdc info rbd/new1 --format json 2>/dev/null | jq -r .size)
+[ "$size" = $((10 * 1024 * MiB)) ] && ok "rbd sees the created size" || fail "rbd sees the created size" "size $size"
+check_fails "create refuses an existing image" $VDISK create -f raw "$(R new1)" 1G
+
+# ---- convert raw -> rbd -> raw ----
+check "convert raw -> rbd" $VDISK convert -f raw -O raw "$T/src.raw" "$(R img)"
+check "qemu-img (its own rbd driver) reads the same data" qemu-img compare -f raw -F raw "$T/src.raw" "$(R img)"
+check "convert rbd -> raw" $VDISK convert -f raw -O raw "$(R img)" "$T/back.raw"
+check "round trip equals the source" cmp "$T/src.raw" "$T/back.raw"
+
+# ---- info, map ----
+out=$($VDISK info --output=json "$(R img)" 2>&1)
+[ "$(jq -r '."virtual-size"' <<<"$out" 2>/dev/null)" = $((64 * MiB)) ] && [ "$(jq -r .format <<<"$out")" = raw ] \
+    && ok "info on an rbd image" || fail "info on an rbd image" "$out"
+$VDISK map --output=json "$(R img)" > "$T/map.json" 2>&1
+# data where the source has data, holes in the 4 MiB objects never written
+is_data() { jq -e --argjson o "$1" 'map(select(.start <= $o and $o < .start + .length)) | .[0].data' "$T/map.json" >/dev/null; }
+if is_data 0 && is_data $((20 * MiB)) && is_data $((42 * MiB)) \
+   && ! is_data $((8 * MiB)) && ! is_data $((30 * MiB)) && ! is_data $((60 * MiB)); then
+    ok "map shows RBD's allocation (data and holes)"
+else
+    fail "map shows RBD's allocation (data and holes)" "$(head -c 600 "$T/map.json")"
+fi
+
+# ---- qcow2 ----
+qemu-img convert -f raw -O qcow2 "$T/src.raw" "$T/src.qcow2"
+check "convert qcow2 -> rbd" $VDISK convert -f qcow2 -O raw "$T/src.qcow2" "$(R fromq)"
+check "convert that rbd image -> raw" $VDISK convert -f raw -O raw "$(R fromq)" "$T/back2.raw"
+check "qcow2 -> rbd -> raw round trip equals the source" cmp "$T/src.raw" "$T/back2.raw"
+check "create -f qcow2 layered on an rbd image" $VDISK create -f qcow2 "$(R q0)" 1G
+out=$($VDISK info --output=json "$(R q0)" 2>&1)
+[ "$(jq -r .format <<<"$out" 2>/dev/null)" = qcow2 ] && [ "$(jq -r '."virtual-size"' <<<"$out")" = $((1024 * MiB)) ] \
+    && ok "info probes qcow2 on rbd" || fail "info probes qcow2 on rbd" "$out"
+check "convert raw -> qcow2 on rbd" $VDISK convert -f raw -O qcow2 "$T/src.raw" "$(R q1)"
+check "qemu-img reads vdisk's qcow2 on rbd as the source" qemu-img compare -f raw -F qcow2 "$T/src.raw" "$(R q1)"
+check "qemu-img check finds the qcow2 on rbd clean" qemu-img check -f qcow2 "$(R q1)"
+check "convert qcow2 on rbd -> raw" $VDISK convert -O raw "$(R q1)" "$T/back3.raw"
+check "and it equals the source" cmp "$T/src.raw" "$T/back3.raw"
+
+# ---- library I/O through librbd's aio path ----
+check "random 4 KiB writes through the loop" $HELPER write "$(R img)" 7 500
+check "they read back" $HELPER verify "$(R img)" 7 500
+
+# ---- exclusive lock ----
+mkfifo "$T/hold.in"
+$HELPER hold "$(R img)" < "$T/hold.in" > "$T/hold.out" 2>&1 &
+holder=$!
+exec 7> "$T/hold.in"
+on_exit "exec 7>&-; kill $holder 2>/dev/null"
+for _ in $(seq 100); do grep -q open "$T/hold.out" && break; sleep 0.1; done
+grep -q open "$T/hold.out" && ok "first writer holds the image" || fail "first writer holds the image" "$(cat "$T/hold.out")"
+out=$($HELPER write "$(R img)" 8 1 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "open for writing elsewhere" <<<"$out" \
+    && ok "a second writer is refused with a clear error" || fail "a second writer is refused with a clear error" "rc $rc: $out"
+check "a reader is still served while the writer holds the lock" $HELPER verify "$(R img)" 7 500
+exec 7>&-; wait $holder
+check "after the writer closes, another takes over" $HELPER write "$(R img)" 9 50
+
+# ---- vdiskd: NBD export of an rbd image ----
+NBD="nbd+unix:///e?socket=$T/a.sock"
+rbdc create rbd/exp --size 128M
+start_vdiskd a --nbd "unix:$T/a.sock" --threads 2 --log-level=warning \
+    --export "name=e,file=$(R exp),format=raw" || exit 1
+fiojob() {   # fiojob URI EXTRA... : 4 KiB random writes at QD32 on the first 32 MiB
+    fio --name=rbd --ioengine=nbd --uri="$1" --rw=randwrite --bs=4k --iodepth=32 --size=32M \
+        --verify=crc32c --verify_fatal=1 --verify_state_save=0 --randseed=42 --output-format=terse "${@:2}" 2>&1
+}
+out=$(fiojob "$NBD" --do_verify=1); rc=$?
+[ $rc -eq 0 ] && ! grep -qi "verify.*fail\|bad magic" <<<"$out" \
+    && ok "fio over NBD on an rbd image: randwrite QD32, crc32c verified" || fail "fio over NBD on an rbd image" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+map=$(nbdinfo --map=base:allocation "$NBD" 2>&1)
+if awk '$1 == 0 && $2 == 33554432 && $4 == "data" {d=1} $1 == 33554432 && $4 ~ /hole/ {h=1} END {exit !(d && h)}' <<<"$map"; then
+    ok "NBD base:allocation from RBD's allocation: data, then a hole never written"
+else
+    fail "NBD base:allocation from RBD's allocation" "$(head -4 <<<"$map" | tr '\n' ' ')"
+fi
+# a second daemon on the same image is refused: the first holds the lock
+out=$("$VDISKD" --nbd "unix:$T/b.sock" --export "name=e,file=$(R exp),format=raw" 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "open for writing elsewhere" <<<"$out" \
+    && ok "a second vdiskd on the image is refused (exclusive lock)" || fail "a second vdiskd on the image is refused" "rc $rc: $out"
+check "a read-only open still works meanwhile" $VDISK info "$(R exp)"
+
+# hand-over: the writer's data, written through daemon a, verified through daemon b
+out=$(fiojob "$NBD" --do_verify=0 --randseed=43); rc=$?
+[ $rc -eq 0 ] && ok "writer on daemon a" || fail "writer on daemon a" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+stop_vdiskd a
+start_vdiskd b --nbd "unix:$T/b.sock" --threads 2 --log-level=warning \
+    --export "name=e,file=$(R exp),format=raw" || exit 1
+out=$(fiojob "nbd+unix:///e?socket=$T/b.sock" --verify_only --randseed=43); rc=$?
+[ $rc -eq 0 ] && ! grep -qi "verify.*fail\|bad magic" <<<"$out" \
+    && ok "hand-over: daemon b serves what a wrote, no copy" || fail "hand-over: daemon b serves what a wrote" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+stop_vdiskd b
+
+# the whole stack: qcow2 on rbd, exported
+start_vdiskd c --nbd "unix:$T/c.sock" --threads 2 --log-level=warning \
+    --export "name=q,file=$(R q0)" || exit 1
+out=$(fiojob "nbd+unix:///q?socket=$T/c.sock" --do_verify=1); rc=$?
+[ $rc -eq 0 ] && ! grep -qi "verify.*fail\|bad magic" <<<"$out" \
+    && ok "fio over NBD on qcow2 on rbd, crc32c verified" || fail "fio over NBD on qcow2 on rbd" "$(tail -3 <<<"$out" | tr '\n' ' ')"
+stop_vdiskd c
+check "qemu-img check: the qcow2 on rbd is clean after the run" qemu-img check -f qcow2 "$(R q0)"
+
+# ---- vhost-user-blk to the front-end library ----
+H=$VDISK_BUILD/tests/helpers
+rbdc create rbd/vh --size 64M
+"$H/vhost_serve" --format raw --num-queues 2 --pidfile "$T/vh.pid" "$(R vh)" "$T/vh.sock" 2> "$T/vh.log" &
+vh=$!
+on_exit "kill $vh 2>/dev/null; wait $vh 2>/dev/null"
+for _ in $(seq 100); do [ -S "$T/vh.sock" ] && break; sleep 0.05; done
+check "vhost-user-blk on an rbd image: every request type, data verified" \
+    "$H/vhost_io" --queues 2 --qd 8 --bs 64K --seed 21 --expect "$T/vh.expect" "$T/vh.sock"
+check "vhost-user-blk on an rbd image: 4 KiB at QD32 written, then verified" \
+    bash -c "'$H/vhost_io' --mode fill --queues 1 --qd 32 --bs 4K --size 16M --seed 22 '$T/vh.sock' && '$H/vhost_io' --mode verify --queues 1 --qd 32 --bs 4K --size 16M --seed 22 '$T/vh.sock'"
+kill "$vh"; wait "$vh"
+grep -qE 'AddressSanitizer|runtime error|LeakSanitizer' "$T/vh.log" \
+    && fail "vhost back-end on rbd: no sanitizer report" "$(grep -m3 -E 'Sanitizer|runtime error' "$T/vh.log")" \
+    || ok "vhost back-end on rbd: no sanitizer report"
+
+# ---- errors: bounded in time, clear ----
+sed -E 's/^mon host = .*/mon host = v2:127.0.0.1:46998/' "$CONF" > "$T/dead.conf"
+t0=$SECONDS
+out=$($VDISK info "rbd:rbd/img:conf=$T/dead.conf:timeout=3" 2>&1); rc=$?
+el=$((SECONDS - t0))
+[ $rc -ne 0 ] && [ $el -le 15 ] && grep -q "cannot reach the Ceph cluster" <<<"$out" \
+    && ok "unreachable cluster: clear error within its timeout (${el}s)" || fail "unreachable cluster: clear error within its timeout" "rc $rc after ${el}s: $out"
+t0=$SECONDS
+out=$(VDISK_RBD_TIMEOUT=2 $VDISK info "rbd:rbd/img:conf=$T/dead.conf" 2>&1); rc=$?
+el=$((SECONDS - t0))
+[ $rc -ne 0 ] && [ $el -le 12 ] && grep -q "within 2 s" <<<"$out" \
+    && ok "VDISK_RBD_TIMEOUT bounds the wait (${el}s)" || fail "VDISK_RBD_TIMEOUT bounds the wait" "rc $rc after ${el}s: $out"
+out=$($VDISK info "$(R nosuch)" 2>&1)
+grep -q "does not exist" <<<"$out" && ok "missing image: clear error" || fail "missing image: clear error" "$out"
+out=$($VDISK info "rbd:nopool/img:conf=$CONF" 2>&1)
+grep -q "pool 'nopool' does not exist" <<<"$out" && ok "missing pool: clear error" || fail "missing pool: clear error" "$out"
+check_fails "malformed name" $VDISK info "rbd:justapool:conf=$CONF"
+check_fails "bad timeout" $VDISK info "$(R img timeout=abc)"
+check_fails "unknown Ceph option" $VDISK info "$(R img no_such_ceph_option=1)"
+
+# A dead OSD (stopped, not killed): an error within the timeout, not a hang.
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+t0=$SECONDS
+out=$($VDISK convert -f raw -O raw "$(R img timeout=3)" "$T/x.raw" 2>&1); rc=$?
+el=$((SECONDS - t0))
+kill -CONT "$osd"
+[ $rc -ne 0 ] && [ $el -le 20 ] && grep -qiE "no answer|timed out" <<<"$out" \
+    && ok "dead OSD: clear error within the timeout (${el}s)" || fail "dead OSD: clear error within the timeout" "rc $rc after ${el}s: $out"
+check "the cluster serves again after the OSD comes back" $HELPER verify "$(R img)" 9 50
