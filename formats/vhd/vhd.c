@@ -45,7 +45,7 @@ static int vhd_read_footer(struct vd_layer *l, uint64_t fsize, uint8_t *foot)
     if (r < 0)
         return vd_err(r, "%s: cannot read the footer at offset %llu", fname(l),
                       (unsigned long long)(fsize - VHD_FOOTER_SIZE));
-    if (vhd_footer_valid(foot))
+    if (vd_vhd_footer_valid(foot))
         return 0;
     bool cookie_end = memcmp(foot, "conectix", 8) == 0;
     /* A dynamic disk keeps a copy at offset 0: use it when the end is damaged. */
@@ -53,7 +53,7 @@ static int vhd_read_footer(struct vd_layer *l, uint64_t fsize, uint8_t *foot)
     r = vd_file_pread(l->file, copy, sizeof(copy), 0);
     if (r < 0)
         return vd_err(r, "%s: cannot read offset 0", fname(l));
-    if (vhd_footer_valid(copy) && vhd_be32(copy + VF_DISK_TYPE) != VHD_TYPE_FIXED) {
+    if (vd_vhd_footer_valid(copy) && vhd_be32(copy + VF_DISK_TYPE) != VHD_TYPE_FIXED) {
         memcpy(foot, copy, VHD_FOOTER_SIZE);
         return 0;
     }
@@ -104,22 +104,29 @@ static int vhd_parent_name(struct vd_layer *l, struct vhd *s, uint64_t fsize)
         int rank = code == VHD_PLAT_W2RU ? 3 : code == VHD_PLAT_W2KU ? 2 : 0;
         if (!rank || rank <= best_rank || len == 0)
             continue;
-        if (len > 65536 || off > fsize || len > fsize - off)
+        if (len > 65536 || off > fsize || len > fsize - off) {
+            free(best);
             return vd_err(-EINVAL, "%s: parent locator %d (offset %llu, %u bytes) lies outside the file",
                           fname(l), i, (unsigned long long)off, len);
+        }
         uint8_t *buf = malloc(len);
-        if (!buf)
+        if (!buf) {
+            free(best);
             return -ENOMEM;
+        }
         int r = vd_file_pread(l->file, buf, len, off);
         if (r < 0) {
             free(buf);
+            free(best);
             return vd_err(r, "%s: cannot read parent locator at offset %llu", fname(l),
                           (unsigned long long)off);
         }
         char *p = utf16_to_path(buf, len, true);
         free(buf);
-        if (!p)
+        if (!p) {
+            free(best);
             return -ENOMEM;
+        }
         char *q = p;
         if (rank == 3 && q[0] == '.' && q[1] == '/')
             q += 2;
@@ -163,7 +170,7 @@ static int vhd_open_dynamic(struct vd_layer *l, struct vhd *s, uint64_t fsize)
     if (memcmp(s->dynhdr, "cxsparse", 8) != 0)
         return vd_err(-EINVAL, "%s: no dynamic header (cookie \"cxsparse\") at offset %llu",
                       fname(l), (unsigned long long)hoff);
-    if (vhd_be32(s->dynhdr + VH_CHECKSUM) != vhd_checksum(s->dynhdr, VHD_DYNHDR_SIZE, VH_CHECKSUM))
+    if (vhd_be32(s->dynhdr + VH_CHECKSUM) != vd_vhd_checksum(s->dynhdr, VHD_DYNHDR_SIZE, VH_CHECKSUM))
         return vd_err(-EINVAL, "%s: dynamic header checksum mismatch at offset %llu", fname(l),
                       (unsigned long long)hoff);
     s->bat_off = vhd_be64(s->dynhdr + VH_TABLE_OFF);
@@ -241,7 +248,7 @@ static int vhd_open_inner(struct vd_layer *l)
     if (r < 0)
         return r;
     s->type = vhd_be32(s->footer + VF_DISK_TYPE);
-    l->size = vhd_footer_size(s->footer);
+    l->size = vd_vhd_footer_size(s->footer);
     if (l->size % VHD_SECTOR)
         l->size = (l->size + VHD_SECTOR - 1) / VHD_SECTOR * VHD_SECTOR;
     if (l->size > (2040ull << 30))
@@ -521,13 +528,8 @@ static int vhd_info(struct vd_layer *l, json_t *info)
 {
     struct vhd *s = l->priv;
     const char *prov = s->type == VHD_TYPE_FIXED ? "fixed" : "thin";
-    if (s->type == VHD_TYPE_FIXED) {
-        /* A fixed disk is thick; whether the host file is allocated says how. */
-        uint64_t alloc = vd_file_allocated_bytes(l->file);
-        prov = alloc >= l->size ? "eager-zeroed" : "lazy-zeroed";
-        if (alloc < l->size / 2)
-            prov = "thin";
-    }
+    if (s->type == VHD_TYPE_FIXED)
+        prov = vd_provisioning_of(l->file, 0, l->size, l->size);
     char creator[5] = { 0 }, uuid[37];
     for (int i = 0; i < 4; i++) {
         char c = (char)s->footer[VF_CREATOR_APP + i];
@@ -577,6 +579,8 @@ static const struct vd_create_opt_desc vhd_create_opts[] = {
     { "subformat", "dynamic (default) or fixed" },
     { "force_size", "on: keep the exact size instead of rounding it to a CHS geometry" },
     { "block_size", "dynamic block size (default 2M)" },
+    { "preallocation", "off/metadata (dynamic), falloc or full (fixed)" },
+    { "provisioning", "thin (dynamic), lazy-zeroed or eager-zeroed (fixed)" },
     { NULL, NULL },
 };
 
@@ -585,10 +589,10 @@ static const char *const vhd_aliases[] = { "vpc", NULL };
 const struct vd_format vd_format_vhd = {
     .name = "vhd",
     .aliases = vhd_aliases,
-    .probe = vhd_probe,
+    .probe = vd_vhd_probe,
     .open = vhd_open,
     .close = vhd_close,
-    .create = vhd_create,
+    .create = vd_vhd_create,
     .map = vhd_map,
     .alloc = vhd_alloc,
     .commit = vhd_commit,

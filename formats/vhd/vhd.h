@@ -73,15 +73,18 @@ static inline void vhd_put64(uint8_t *p, uint64_t v)
 }
 
 /* One's complement of the byte sum, skipping the 4 checksum bytes at csum_off. */
-uint32_t vhd_checksum(const uint8_t *buf, size_t len, size_t csum_off);
+uint32_t vd_vhd_checksum(const uint8_t *buf, size_t len, size_t csum_off);
 /* The specification's CHS algorithm for a sector count. */
-void vhd_geometry(uint64_t sectors, unsigned *cyl, unsigned *heads, unsigned *spt);
+void vd_vhd_geometry(uint64_t sectors, unsigned *cyl, unsigned *heads, unsigned *spt);
 /* Virtual size in bytes of a footer, by its creator (see vhd_meta.c). */
-uint64_t vhd_footer_size(const uint8_t *footer);
+uint64_t vd_vhd_footer_size(const uint8_t *footer);
 /* True when footer has the cookie and a matching checksum. */
-bool vhd_footer_valid(const uint8_t *footer);
+bool vd_vhd_footer_valid(const uint8_t *footer);
 
-int vhd_create(const char *filename, const struct vd_create_opts *o);
-int vhd_probe(const uint8_t *buf, size_t len, struct vd_file *f);
+/* Provisioning of a host file as the file system holds it (vmdk_prov.c). */
+const char *vd_provisioning_of(struct vd_file *f, uint64_t off, uint64_t len, uint64_t vsize);
+
+int vd_vhd_create(const char *filename, const struct vd_create_opts *o);
+int vd_vhd_probe(const uint8_t *buf, size_t len, struct vd_file *f);
 
 #endif

@@ -32,13 +32,13 @@ static void make_footer(uint8_t *f, uint32_t type, uint64_t size, bool force_siz
     vhd_put64(f + VF_ORIG_SIZE, size);
     vhd_put64(f + VF_CUR_SIZE, size);
     unsigned c, h, s;
-    vhd_geometry(size / VHD_SECTOR, &c, &h, &s);
+    vd_vhd_geometry(size / VHD_SECTOR, &c, &h, &s);
     vhd_put32(f + VF_GEOMETRY, c << 16 | h << 8 | s);
     vhd_put32(f + VF_DISK_TYPE, type);
     getrandom(f + VF_UUID, 16, 0);
     f[VF_UUID + 6] = (f[VF_UUID + 6] & 0x0F) | 0x40;    /* RFC 4122 version 4 */
     f[VF_UUID + 8] = (f[VF_UUID + 8] & 0x3F) | 0x80;
-    vhd_put32(f + VF_CHECKSUM, vhd_checksum(f, VHD_FOOTER_SIZE, VF_CHECKSUM));
+    vhd_put32(f + VF_CHECKSUM, vd_vhd_checksum(f, VHD_FOOTER_SIZE, VF_CHECKSUM));
 }
 
 /* UTF-8 to UTF-16 (le or be); returns bytes written (no terminator). */
@@ -106,14 +106,14 @@ static int read_parent(const char *child, const char *backing, struct parent_inf
     r = vd_file_size(f, &fsize);
     if (r >= 0 && fsize >= VHD_FOOTER_SIZE)
         r = vd_file_pread(f, foot, sizeof(foot), fsize - VHD_FOOTER_SIZE);
-    if (r >= 0 && !vhd_footer_valid(foot))
+    if (r >= 0 && !vd_vhd_footer_valid(foot))
         r = vd_file_pread(f, foot, sizeof(foot), 0);
     vd_file_close(f);
-    if (r < 0 || fsize < VHD_FOOTER_SIZE || !vhd_footer_valid(foot))
+    if (r < 0 || fsize < VHD_FOOTER_SIZE || !vd_vhd_footer_valid(foot))
         return vd_err(-EINVAL, "%s: the parent %s is not a VHD (a differencing VHD needs a VHD parent)",
                       child, path);
     memcpy(pi->uuid, foot + VF_UUID, 16);
-    pi->size = vhd_footer_size(foot);
+    pi->size = vd_vhd_footer_size(foot);
     struct stat st;
     pi->mtime = stat(path, &st) == 0 && st.st_mtime > VHD_EPOCH_OFFSET
                 ? (uint32_t)(st.st_mtime - VHD_EPOCH_OFFSET) : 0;
@@ -122,7 +122,7 @@ static int read_parent(const char *child, const char *backing, struct parent_inf
     return pi->abs ? 0 : vd_err(-errno, "%s: cannot resolve %s", child, path);
 }
 
-int vhd_create(const char *filename, const struct vd_create_opts *o)
+int vd_vhd_create(const char *filename, const struct vd_create_opts *o)
 {
     const char *sub = vd_opts_get(o->opts, "subformat");
     bool force = false;
@@ -178,7 +178,7 @@ int vhd_create(const char *filename, const struct vd_create_opts *o)
         uint64_t sec = size / VHD_SECTOR;
         for (uint64_t t = sec;; t++) {
             unsigned c, h, s;
-            vhd_geometry(t, &c, &h, &s);
+            vd_vhd_geometry(t, &c, &h, &s);
             if ((uint64_t)c * h * s >= sec) {
                 size = (uint64_t)c * h * s * VHD_SECTOR;
                 break;
@@ -249,7 +249,7 @@ int vhd_create(const char *filename, const struct vd_create_opts *o)
     }
     uint64_t bat_off = pos;
     vhd_put64(hdr + VH_TABLE_OFF, bat_off);
-    vhd_put32(hdr + VH_CHECKSUM, vhd_checksum(hdr, sizeof(hdr), VH_CHECKSUM));
+    vhd_put32(hdr + VH_CHECKSUM, vd_vhd_checksum(hdr, sizeof(hdr), VH_CHECKSUM));
     uint64_t bat_bytes = ((uint64_t)entries * 4 + VHD_SECTOR - 1) / VHD_SECTOR * VHD_SECTOR;
     uint8_t *bat = malloc(bat_bytes);
     if (!bat) {

@@ -2,7 +2,7 @@
 #include <string.h>
 #include "formats/vhd/vhd.h"
 
-uint32_t vhd_checksum(const uint8_t *buf, size_t len, size_t csum_off)
+uint32_t vd_vhd_checksum(const uint8_t *buf, size_t len, size_t csum_off)
 {
     uint32_t sum = 0;
     for (size_t i = 0; i < len; i++)
@@ -12,7 +12,7 @@ uint32_t vhd_checksum(const uint8_t *buf, size_t len, size_t csum_off)
 }
 
 /* Appendix "CHS Calculation" of the specification. */
-void vhd_geometry(uint64_t sectors, unsigned *cyl, unsigned *heads, unsigned *spt)
+void vd_vhd_geometry(uint64_t sectors, unsigned *cyl, unsigned *heads, unsigned *spt)
 {
     uint64_t cth;
     unsigned h, s;
@@ -41,17 +41,17 @@ void vhd_geometry(uint64_t sectors, unsigned *cyl, unsigned *heads, unsigned *sp
     *spt = s;
 }
 
-bool vhd_footer_valid(const uint8_t *f)
+bool vd_vhd_footer_valid(const uint8_t *f)
 {
     return memcmp(f + VF_COOKIE, "conectix", 8) == 0 &&
-           vhd_be32(f + VF_CHECKSUM) == vhd_checksum(f, VHD_FOOTER_SIZE, VF_CHECKSUM);
+           vhd_be32(f + VF_CHECKSUM) == vd_vhd_checksum(f, VHD_FOOTER_SIZE, VF_CHECKSUM);
 }
 
 /* Virtual PC and QEMU's own older images size a disk by its geometry, other
  * creators (Hyper-V "win ", QEMU with force_size "qem2", Disk2VHD, XenServer,
  * Citrix, Azure) by the current-size field. The geometry cannot describe
  * disks past ~127 GiB, so a saturated geometry means "use current size". */
-uint64_t vhd_footer_size(const uint8_t *f)
+uint64_t vd_vhd_footer_size(const uint8_t *f)
 {
     static const char *const by_size[] = { "win ", "qem2", "d2v ", "tap", "CTXS", "wa\0\0" };
     const uint8_t *app = f + VF_CREATOR_APP;
@@ -67,7 +67,7 @@ uint64_t vhd_footer_size(const uint8_t *f)
     return chs * VHD_SECTOR;
 }
 
-int vhd_probe(const uint8_t *buf, size_t len, struct vd_file *f)
+int vd_vhd_probe(const uint8_t *buf, size_t len, struct vd_file *f)
 {
     if (len >= 8 && memcmp(buf, "conectix", 8) == 0)
         return 100;

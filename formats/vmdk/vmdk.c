@@ -32,7 +32,7 @@ static struct vmdk_scratch *scratch_of(struct vmdk *s);
 
 static const char *lname(struct vd_layer *l) { return l->filename ? l->filename : "?"; }
 
-uint32_t vmdk_new_cid(void)
+uint32_t vd_vmdk_new_cid(void)
 {
     uint32_t c = 0;
     while (c == 0 || c == 0xFFFFFFFFu || c == 0xFFFFFFFEu)
@@ -66,7 +66,7 @@ static int vmdk_probe(const uint8_t *buf, size_t len, struct vd_file *f)
     return 0;
 }
 
-int vmdk_read_desc(const char *name, struct vd_file *f, char **text, size_t *len, bool *embedded)
+int vd_vmdk_read_desc(const char *name, struct vd_file *f, char **text, size_t *len, bool *embedded)
 {
     uint8_t h[VMDK_SECTOR];
     uint64_t fsize;
@@ -175,7 +175,7 @@ static int open_extents(struct vd_layer *l, struct vmdk *s)
         }
         const char *en = e->path ? e->path : lname(l);
         if (e->type == VMDK_SPARSE || e->type == VMDK_VMFSSPARSE) {
-            r = vmdk_sparse_open(en, e->file, &e->sp);
+            r = vd_vmdk_sparse_open(en, e->file, &e->sp);
             if (r < 0)
                 return r;
             if (e->sp->capacity < e->sectors)
@@ -208,7 +208,7 @@ static int vmdk_open_inner(struct vd_layer *l)
     if (!s)
         return -ENOMEM;
     l->priv = s;
-    r = vmdk_read_desc(lname(l), l->file, &text, &len, &s->embedded);
+    r = vd_vmdk_read_desc(lname(l), l->file, &text, &len, &s->embedded);
     if (r < 0)
         return r;
     if (!text) {
@@ -225,7 +225,7 @@ static int vmdk_open_inner(struct vd_layer *l)
         len = strlen(text);
         s->embedded = false;
     }
-    r = vmdk_desc_parse(lname(l), text, len, &s->desc);
+    r = vd_vmdk_desc_parse(lname(l), text, len, &s->desc);
     free(text);
     if (r < 0)
         return r;
@@ -265,14 +265,14 @@ static void vmdk_close(struct vd_layer *l)
     for (size_t i = 0; i < s->next; i++) {
         struct vmdk_extent *e = &s->ext[i];
         if (e->sp && e->sp->stream && !l->readonly)
-            vmdk_stream_finish(e->path ? e->path : lname(l), e->file, e->sp);
-        vmdk_sparse_free(e->sp);
+            vd_vmdk_stream_finish(e->path ? e->path : lname(l), e->file, e->sp);
+        vd_vmdk_sparse_free(e->sp);
         if (e->own_file)
             vd_file_close(e->file);
         free(e->path);
     }
     free(s->ext);
-    vmdk_desc_free(&s->desc);
+    vd_vmdk_desc_free(&s->desc);
     if (s->scratch) {
         vd_file_close(s->scratch->f);
         free(s->scratch->used);
@@ -311,7 +311,7 @@ static struct vmdk_extent *find_extent(struct vmdk *s, uint64_t sector)
 static int write_desc(struct vd_layer *l, struct vmdk *s)
 {
     size_t len;
-    char *t = vmdk_desc_text(&s->desc, &len);
+    char *t = vd_vmdk_desc_text(&s->desc, &len);
     int r;
     if (!t)
         return -ENOMEM;
@@ -351,11 +351,11 @@ static int touch_cid(struct vd_layer *l, struct vmdk *s)
         return 0;     /* a bare extent: no descriptor to update */
     uint32_t c;
     do
-        c = vmdk_new_cid();
+        c = vd_vmdk_new_cid();
     while (c == s->desc.cid);
     char v[16];
     snprintf(v, sizeof(v), "%08x", c);
-    int r = vmdk_desc_set(&s->desc, "CID", v, false);
+    int r = vd_vmdk_desc_set(&s->desc, "CID", v, false);
     if (r < 0)
         return r;
     s->desc.cid = c;
@@ -423,7 +423,7 @@ static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned fla
     uint64_t gb = sp->grain * VMDK_SECTOR;
     uint64_t g = rel / gb, in = rel % gb;
     uint32_t gte;
-    int r = vmdk_sparse_gte(en, e->file, sp, g, &gte);
+    int r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
     if (r < 0)
         return r;
     uint64_t n = gb - in;
@@ -435,7 +435,7 @@ static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned fla
         /* Extend over following grains of the same kind. */
         while (n < len) {
             uint32_t x;
-            if (vmdk_sparse_gte(en, e->file, sp, g + 1, &x) < 0 || x != gte)
+            if (vd_vmdk_sparse_gte(en, e->file, sp, g + 1, &x) < 0 || x != gte)
                 break;
             g++;
             n = n + gb > len ? len : n + gb;
@@ -457,7 +457,7 @@ static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned fla
     m->host_off = (uint64_t)gte * VMDK_SECTOR + in;
     while (n < len) {
         uint32_t x;
-        if (vmdk_sparse_gte(en, e->file, sp, g + 1, &x) < 0 ||
+        if (vd_vmdk_sparse_gte(en, e->file, sp, g + 1, &x) < 0 ||
             (uint64_t)x * VMDK_SECTOR != (uint64_t)gte * VMDK_SECTOR + (g + 1 - rel / gb) * gb)
             break;
         g++;
@@ -478,11 +478,11 @@ static int vmdk_read_compressed(struct vd_layer *l, const struct vd_map *m, void
     uint64_t lba = m->comp_voff / VMDK_SECTOR - e->start;
     const char *en = e->path ? e->path : lname(l);
     if (m->comp_unit == gb)
-        return vmdk_read_grain(en, m->file, m->host_off, m->comp_len, lba, buf, gb);
+        return vd_vmdk_read_grain(en, m->file, m->host_off, m->comp_len, lba, buf, gb);
     uint8_t *tmp = malloc(gb);
     if (!tmp)
         return -ENOMEM;
-    int r = vmdk_read_grain(en, m->file, m->host_off, m->comp_len, lba, tmp, gb);
+    int r = vd_vmdk_read_grain(en, m->file, m->host_off, m->comp_len, lba, tmp, gb);
     if (r >= 0)
         memcpy(buf, tmp, m->comp_unit);
     free(tmp);
@@ -496,14 +496,14 @@ static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, c
     const char *en = e->path ? e->path : lname(l);
     uint64_t gb = sp->grain * VMDK_SECTOR;
     uint32_t gte;
-    int r = vmdk_sparse_gte(en, e->file, sp, g, &gte);
+    int r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
     if (r < 0)
         return r;
     if (gte != 0)
         return vd_err(-EPERM, "%s: streamOptimized VMDK is append-only: grain at offset %llu is "
                       "already written (convert the image to change it)", lname(l),
                       (unsigned long long)((e->start * VMDK_SECTOR) + g * gb));
-    r = vmdk_stream_begin(en, e->file, sp);
+    r = vd_vmdk_stream_begin(en, e->file, sp);
     if (r < 0)
         return r;
     const uint8_t *p = buf;
@@ -514,10 +514,10 @@ static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, c
         return 0;    /* an all-zero grain stays unallocated */
     uint8_t *blob;
     size_t blen;
-    r = vmdk_compress_grain(buf, len, gb, g * sp->grain, &blob, &blen);
+    r = vd_vmdk_compress_grain(buf, len, gb, g * sp->grain, &blob, &blen);
     if (r < 0)
         return vd_err(r, "%s: cannot compress grain %llu", lname(l), (unsigned long long)g);
-    r = vmdk_stream_append(en, e->file, sp, g, blob, blen);
+    r = vd_vmdk_stream_append(en, e->file, sp, g, blob, blen);
     free(blob);
     return r;
 }
@@ -579,7 +579,7 @@ static int vmdk_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_
     a->priv[1] = g;
     if (sp->compressed) {
         uint32_t gte;
-        r = vmdk_sparse_gte(en, e->file, sp, g, &gte);
+        r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
         if (r < 0)
             return r;
         if (gte != 0)
@@ -658,7 +658,7 @@ static int vmdk_commit(struct vd_layer *l, struct vd_alloc *a, int err)
             sp->next -= gb;     /* the last reservation: give it back */
         return 0;
     }
-    return vmdk_sparse_link(en, e->file, sp, a->priv[1], (uint32_t)a->priv[3]);
+    return vd_vmdk_sparse_link(en, e->file, sp, a->priv[1], (uint32_t)a->priv[3]);
 }
 
 static struct vmdk_scratch *scratch_of(struct vmdk *s)
@@ -699,7 +699,7 @@ static int vmdk_flush(struct vd_layer *l)
     for (size_t i = 0; i < s->next; i++) {
         struct vmdk_extent *e = &s->ext[i];
         if (e->sp && e->sp->stream) {
-            int r = vmdk_stream_finish(e->path ? e->path : lname(l), e->file, e->sp);
+            int r = vd_vmdk_stream_finish(e->path ? e->path : lname(l), e->file, e->sp);
             if (r < 0)
                 return r;
         }
@@ -730,7 +730,7 @@ static int vmdk_backing_opened(struct vd_layer *l)
 
 static const char *provisioning(struct vd_layer *l, struct vmdk *s)
 {
-    const char *thin = vmdk_desc_get(&s->desc, "ddb.thinProvisioned");
+    const char *thin = vd_vmdk_desc_get(&s->desc, "ddb.thinProvisioned");
     bool any_flat = false;
     for (size_t i = 0; i < s->next; i++) {
         if (s->ext[i].sp)
@@ -742,22 +742,12 @@ static const char *provisioning(struct vd_layer *l, struct vmdk *s)
         return "thin";
     if (!any_flat)
         return "thin";
-    /* Flat: eager-zeroed when written, lazy-zeroed when only reserved. */
-    uint64_t alloc = 0;
-    bool data = true;
-    for (size_t i = 0; i < s->next; i++) {
-        struct vmdk_extent *e = &s->ext[i];
-        if (!e->file)
-            continue;
-        alloc += vd_file_allocated_bytes(e->file);
-        bool is_data;
-        uint64_t end;
-        if (vd_file_extent(e->file, e->flat_off, &is_data, &end) >= 0 && !is_data)
-            data = false;
-    }
-    if (alloc < l->size / 2)
-        return "thin";
-    return data ? "eager-zeroed" : "lazy-zeroed";
+    /* Flat: as the file system holds the first extent's file. */
+    for (size_t i = 0; i < s->next; i++)
+        if (s->ext[i].file)
+            return vd_provisioning_of(s->ext[i].file, s->ext[i].flat_off, s->ext[i].sectors * VMDK_SECTOR,
+                                      s->ext[i].sectors * VMDK_SECTOR);
+    return "thick";
 }
 
 static int vmdk_info(struct vd_layer *l, json_t *info)
@@ -768,7 +758,7 @@ static int vmdk_info(struct vd_layer *l, json_t *info)
         struct vmdk_extent *e = &s->ext[i];
         json_t *o = json_object();
         json_object_set_new(o, "filename", json_string(e->path ? e->path : lname(l)));
-        json_object_set_new(o, "format", json_string(vmdk_etype_name(e->type)));
+        json_object_set_new(o, "format", json_string(vd_vmdk_etype_name(e->type)));
         json_object_set_new(o, "virtual-size", json_integer((json_int_t)(e->sectors * VMDK_SECTOR)));
         if (e->sp) {
             json_object_set_new(o, "cluster-size", json_integer((json_int_t)(e->sp->grain * VMDK_SECTOR)));
@@ -798,7 +788,7 @@ static int vmdk_check(struct vd_layer *l, unsigned fix, struct vd_check *c)
         for (uint64_t g = 0; g < grains; g++) {
             uint32_t gte;
             total++;
-            if (vmdk_sparse_gte(en, e->file, e->sp, g, &gte) < 0) {
+            if (vd_vmdk_sparse_gte(en, e->file, e->sp, g, &gte) < 0) {
                 vd_check_report(c, "ERROR %s", vd_errmsg(-EINVAL));
                 c->corruptions++;
                 continue;
@@ -830,6 +820,8 @@ static const struct vd_create_opt_desc vmdk_create_opts[] = {
     { "hwversion", "virtual hardware version (default 4)" },
     { "compat6", "on: hwversion 6" },
     { "toolsversion", "VMware Tools version for the DDB" },
+    { "preallocation", "off/metadata (sparse), falloc or full (flat extents)" },
+    { "provisioning", "thin (sparse, or vmfsThin), lazy-zeroed or eager-zeroed (flat extents)" },
     { NULL, NULL },
 };
 
@@ -838,7 +830,7 @@ const struct vd_format vd_format_vmdk = {
     .probe = vmdk_probe,
     .open = vmdk_open,
     .close = vmdk_close,
-    .create = vmdk_create,
+    .create = vd_vmdk_create,
     .map = vmdk_map,
     .alloc = vmdk_alloc,
     .commit = vmdk_commit,

@@ -100,15 +100,15 @@ struct vmdk_desc {
 
 /* Parse text (len bytes, not NUL-terminated, may hold trailing NULs).
  * name is for messages. */
-int  vmdk_desc_parse(const char *name, const char *text, size_t len, struct vmdk_desc *d);
-void vmdk_desc_free(struct vmdk_desc *d);
+int  vd_vmdk_desc_parse(const char *name, const char *text, size_t len, struct vmdk_desc *d);
+void vd_vmdk_desc_free(struct vmdk_desc *d);
 /* The value for key, or NULL. */
-const char *vmdk_desc_get(const struct vmdk_desc *d, const char *key);
+const char *vd_vmdk_desc_get(const struct vmdk_desc *d, const char *key);
 /* Set key (replacing its line, or adding one before the extents/ddb as fits). */
-int  vmdk_desc_set(struct vmdk_desc *d, const char *key, const char *val, bool quoted);
+int  vd_vmdk_desc_set(struct vmdk_desc *d, const char *key, const char *val, bool quoted);
 /* Serialise every line (unknown ones as read); malloc'ed, *len set. */
-char *vmdk_desc_text(const struct vmdk_desc *d, size_t *len);
-const char *vmdk_etype_name(enum vmdk_etype t);
+char *vd_vmdk_desc_text(const struct vmdk_desc *d, size_t *len);
+const char *vd_vmdk_etype_name(enum vmdk_etype t);
 
 /* ---- sparse extents (vmdk_sparse.c) ---- */
 struct vmdk_sparse {
@@ -154,39 +154,43 @@ struct vmdk {
     struct vmdk_scratch *scratch;   /* uncompressed staging for stream writes */
 };
 
-int  vmdk_sparse_open(const char *name, struct vd_file *f, struct vmdk_sparse **out);
-void vmdk_sparse_free(struct vmdk_sparse *s);
+int  vd_vmdk_sparse_open(const char *name, struct vd_file *f, struct vmdk_sparse **out);
+void vd_vmdk_sparse_free(struct vmdk_sparse *s);
 /* Read the header at offset 0 (or the footer copy) and validate it. */
-int  vmdk_sparse_header(const char *name, struct vd_file *f, uint8_t *hdr, uint64_t fsize);
+int  vd_vmdk_sparse_header(const char *name, struct vd_file *f, uint8_t *hdr, uint64_t fsize);
 /* Grain table entry for grain g of the extent (loads its table). */
-int  vmdk_sparse_gte(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t *gte);
+int  vd_vmdk_sparse_gte(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t *gte);
 /* Link grain g at sector `sector` (both directories), allocating its grain
  * table when the directory has none. */
-int  vmdk_sparse_link(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t sector);
+int  vd_vmdk_sparse_link(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t sector);
 /* A fresh sparse extent image into buf-less file: header, descriptor, tables. */
-int  vmdk_sparse_write_new(struct vd_file *f, uint64_t capacity, uint32_t version, uint32_t flags,
+int  vd_vmdk_sparse_write_new(struct vd_file *f, uint64_t capacity, uint32_t version, uint32_t flags,
                            const char *desc, size_t desc_len, const char *name);
 /* Decompress a grain (marker at host_off) into buf (unit bytes). */
-int  vmdk_read_grain(const char *name, struct vd_file *f, uint64_t host_off, uint32_t comp_len,
+int  vd_vmdk_read_grain(const char *name, struct vd_file *f, uint64_t host_off, uint32_t comp_len,
                      uint64_t expect_lba, void *buf, size_t unit);
 
 /* ---- streamOptimized writer (vmdk_stream.c) ---- */
-int  vmdk_stream_new(struct vd_file *f, uint64_t capacity, const char *desc, size_t desc_len,
+int  vd_vmdk_stream_new(struct vd_file *f, uint64_t capacity, const char *desc, size_t desc_len,
                      const char *name);
-int  vmdk_stream_begin(const char *name, struct vd_file *f, struct vmdk_sparse *s);
+int  vd_vmdk_stream_begin(const char *name, struct vd_file *f, struct vmdk_sparse *s);
 /* Compress one grain (len <= grain bytes, padded with zeros) with its
  * marker header into a malloc'ed blob padded to a sector. Pure: no state. */
-int  vmdk_compress_grain(const void *data, size_t len, size_t grain_bytes, uint64_t lba,
+int  vd_vmdk_compress_grain(const void *data, size_t len, size_t grain_bytes, uint64_t lba,
                          uint8_t **blob, size_t *blob_len);
 /* Append a compressed grain blob for grain g and link it in memory. */
-int  vmdk_stream_append(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g,
+int  vd_vmdk_stream_append(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g,
                         const uint8_t *blob, size_t blob_len);
-int  vmdk_stream_finish(const char *name, struct vd_file *f, struct vmdk_sparse *s);
+int  vd_vmdk_stream_finish(const char *name, struct vd_file *f, struct vmdk_sparse *s);
 
-/* ---- create (vmdk_create.c) ---- */
-int  vmdk_create(const char *filename, const struct vd_create_opts *o);
+/* ---- create (vd_vmdk_create.c) ---- */
+int  vd_vmdk_create(const char *filename, const struct vd_create_opts *o);
 /* The descriptor text of an existing image file (embedded or separate). */
-int  vmdk_read_desc(const char *name, struct vd_file *f, char **text, size_t *len, bool *embedded);
-uint32_t vmdk_new_cid(void);
+int  vd_vmdk_read_desc(const char *name, struct vd_file *f, char **text, size_t *len, bool *embedded);
+uint32_t vd_vmdk_new_cid(void);
+
+/* "thin", "lazy-zeroed", "eager-zeroed" (or "thick") for a host file that
+ * holds a virtual disk of vsize bytes at [off, off+len) (vmdk_prov.c). */
+const char *vd_provisioning_of(struct vd_file *f, uint64_t off, uint64_t len, uint64_t vsize);
 
 #endif

@@ -110,7 +110,7 @@ static int read_parent(const char *child, const char *backing, uint32_t *cid, ui
     char *text = NULL;
     size_t len = 0;
     bool emb;
-    r = vmdk_read_desc(path, f, &text, &len, &emb);
+    r = vd_vmdk_read_desc(path, f, &text, &len, &emb);
     if (r >= 0 && !text) {
         uint8_t h[VMDK_SECTOR];
         r = vd_file_pread(f, h, sizeof(h), 0);
@@ -123,7 +123,7 @@ static int read_parent(const char *child, const char *backing, uint32_t *cid, ui
     if (r < 0)
         return vd_err(r, "%s: the parent %s is not a VMDK: %s", child, path, vd_errmsg(r));
     struct vmdk_desc d;
-    r = vmdk_desc_parse(path, text, len, &d);
+    r = vd_vmdk_desc_parse(path, text, len, &d);
     free(text);
     if (r < 0)
         return r;
@@ -131,11 +131,11 @@ static int read_parent(const char *child, const char *backing, uint32_t *cid, ui
     *size = 0;
     for (size_t i = 0; i < d.next; i++)
         *size += d.ext[i].sectors * VMDK_SECTOR;
-    vmdk_desc_free(&d);
+    vd_vmdk_desc_free(&d);
     return 0;
 }
 
-int vmdk_create(const char *filename, const struct vd_create_opts *o)
+int vd_vmdk_create(const char *filename, const struct vd_create_opts *o)
 {
     const char *subs = vd_opts_get(o->opts, "subformat");
     const char *adapter = vd_opts_get(o->opts, "adapter_type");
@@ -214,7 +214,7 @@ int vmdk_create(const char *filename, const struct vd_create_opts *o)
     uint8_t uuid[16], lcid[16];
     getrandom(uuid, sizeof(uuid), 0);
     getrandom(lcid, sizeof(lcid), 0);
-    uint32_t cid = vmdk_new_cid();
+    uint32_t cid = vd_vmdk_new_cid();
 
     struct buf d = { 0 };
     bprintf(&d, "# Disk DescriptorFile\nversion=1\nCID=%08x\nparentCID=%08x\ncreateType=\"%s\"\n",
@@ -274,9 +274,9 @@ int vmdk_create(const char *filename, const struct vd_create_opts *o)
         if (r < 0)
             goto out;
         if (sub == STREAM)
-            r = vmdk_stream_new(f, sectors, d.p, d.n, filename);
+            r = vd_vmdk_stream_new(f, sectors, d.p, d.n, filename);
         else
-            r = vmdk_sparse_write_new(f, sectors, zeroed ? 2 : 1,
+            r = vd_vmdk_sparse_write_new(f, sectors, zeroed ? 2 : 1,
                                       VMDK_FLAG_NL_TEST | VMDK_FLAG_RGD | (zeroed ? VMDK_FLAG_ZERO_GTE : 0),
                                       d.p, d.n, filename);
         if (r >= 0)
@@ -316,7 +316,7 @@ int vmdk_create(const char *filename, const struct vd_create_opts *o)
             r = create_file(path, &f);
             if (r < 0)
                 break;
-            r = vmdk_sparse_write_new(f, n, zeroed ? 2 : 1,
+            r = vd_vmdk_sparse_write_new(f, n, zeroed ? 2 : 1,
                                       VMDK_FLAG_NL_TEST | VMDK_FLAG_RGD | (zeroed ? VMDK_FLAG_ZERO_GTE : 0),
                                       NULL, 0, path);
             if (r >= 0)

@@ -18,7 +18,7 @@ static const char *const etype_names[] = {
     [VMDK_VMFS] = "VMFS", [VMDK_VMFSSPARSE] = "VMFSSPARSE",
 };
 
-const char *vmdk_etype_name(enum vmdk_etype t) { return etype_names[t]; }
+const char *vd_vmdk_etype_name(enum vmdk_etype t) { return etype_names[t]; }
 
 static char *trim(char *s)
 {
@@ -37,7 +37,7 @@ static void free_line(struct vmdk_desc_line *l)
     free(l->val);
 }
 
-void vmdk_desc_free(struct vmdk_desc *d)
+void vd_vmdk_desc_free(struct vmdk_desc *d)
 {
     for (size_t i = 0; i < d->nlines; i++)
         free_line(&d->lines[i]);
@@ -50,7 +50,7 @@ void vmdk_desc_free(struct vmdk_desc *d)
     memset(d, 0, sizeof(*d));
 }
 
-const char *vmdk_desc_get(const struct vmdk_desc *d, const char *key)
+const char *vd_vmdk_desc_get(const struct vmdk_desc *d, const char *key)
 {
     const char *v = NULL;
     for (size_t i = 0; i < d->nlines; i++)
@@ -133,7 +133,7 @@ static int parse_extent(const char *name, char *s, size_t lineno, struct vmdk_de
     return 0;
 }
 
-int vmdk_desc_parse(const char *name, const char *text, size_t len, struct vmdk_desc *d)
+int vd_vmdk_desc_parse(const char *name, const char *text, size_t len, struct vmdk_desc *d)
 {
     memset(d, 0, sizeof(*d));
     size_t n = strnlen(text, len);
@@ -264,11 +264,11 @@ next:
 out:
     free(buf);
     if (r < 0)
-        vmdk_desc_free(d);
+        vd_vmdk_desc_free(d);
     return r;
 }
 
-int vmdk_desc_set(struct vmdk_desc *d, const char *key, const char *val, bool quoted)
+int vd_vmdk_desc_set(struct vmdk_desc *d, const char *key, const char *val, bool quoted)
 {
     char *text;
     if (asprintf(&text, quoted ? "%s=\"%s\"" : "%s=%s", key, val) < 0)
@@ -321,7 +321,7 @@ int vmdk_desc_set(struct vmdk_desc *d, const char *key, const char *val, bool qu
     return 0;
 }
 
-char *vmdk_desc_text(const struct vmdk_desc *d, size_t *len)
+char *vd_vmdk_desc_text(const struct vmdk_desc *d, size_t *len)
 {
     size_t n = 1;
     for (size_t i = 0; i < d->nlines; i++)

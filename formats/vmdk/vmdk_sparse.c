@@ -12,7 +12,7 @@
 
 #define COWD_GTES 4096u
 
-void vmdk_sparse_free(struct vmdk_sparse *s)
+void vd_vmdk_sparse_free(struct vmdk_sparse *s)
 {
     if (!s)
         return;
@@ -67,7 +67,7 @@ static int check_header(const char *name, const uint8_t *h, uint64_t at, bool fo
     return 0;
 }
 
-int vmdk_sparse_header(const char *name, struct vd_file *f, uint8_t *hdr, uint64_t fsize)
+int vd_vmdk_sparse_header(const char *name, struct vd_file *f, uint8_t *hdr, uint64_t fsize)
 {
     int r = vd_file_pread(f, hdr, VMDK_SECTOR, 0);
     if (r < 0)
@@ -145,7 +145,7 @@ static int open_cowd(const char *name, struct vd_file *f, struct vmdk_sparse *s,
     return load_dir(name, f, s, s->gd_off, &s->gd, "grain directory");
 }
 
-int vmdk_sparse_open(const char *name, struct vd_file *f, struct vmdk_sparse **out)
+int vd_vmdk_sparse_open(const char *name, struct vd_file *f, struct vmdk_sparse **out)
 {
     struct vmdk_sparse *s = calloc(1, sizeof(*s));
     uint8_t *h;
@@ -168,7 +168,7 @@ int vmdk_sparse_open(const char *name, struct vd_file *f, struct vmdk_sparse **o
         if (r < 0)
             goto fail;
     } else {
-        r = vmdk_sparse_header(name, f, h, s->fsize);
+        r = vd_vmdk_sparse_header(name, f, h, s->fsize);
         if (r < 0)
             goto fail;
         s->version = le32(h + VH_VERSION);
@@ -207,7 +207,7 @@ int vmdk_sparse_open(const char *name, struct vd_file *f, struct vmdk_sparse **o
     *out = s;
     return 0;
 fail:
-    vmdk_sparse_free(s);
+    vd_vmdk_sparse_free(s);
     return r;
 }
 
@@ -229,7 +229,7 @@ static int load_gt(const char *name, struct vd_file *f, struct vmdk_sparse *s, u
     return 0;
 }
 
-int vmdk_sparse_gte(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t *gte)
+int vd_vmdk_sparse_gte(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t *gte)
 {
     uint64_t di = g / s->gtes;
     if (di >= s->gd_n)
@@ -322,7 +322,7 @@ static int link_one(const char *name, struct vd_file *f, struct vmdk_sparse *s, 
     return 0;
 }
 
-int vmdk_sparse_link(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t sector)
+int vd_vmdk_sparse_link(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t sector)
 {
     /* The redundant copy first: after a crash the primary is the one read,
      * and it is never ahead of its backup. */
@@ -334,7 +334,7 @@ int vmdk_sparse_link(const char *name, struct vd_file *f, struct vmdk_sparse *s,
     return link_one(name, f, s, s->gd, s->gd_off, s->gt, g, sector);
 }
 
-int vmdk_read_grain(const char *name, struct vd_file *f, uint64_t host_off, uint32_t comp_len,
+int vd_vmdk_read_grain(const char *name, struct vd_file *f, uint64_t host_off, uint32_t comp_len,
                     uint64_t expect_lba, void *buf, size_t unit)
 {
     uint8_t hdr[12];
@@ -381,7 +381,7 @@ int vmdk_read_grain(const char *name, struct vd_file *f, uint64_t host_off, uint
 /* A new hosted sparse extent: header, embedded descriptor (if any), the
  * redundant and primary grain directories with all their tables, the data
  * area starting at a grain boundary. */
-int vmdk_sparse_write_new(struct vd_file *f, uint64_t capacity, uint32_t version, uint32_t flags,
+int vd_vmdk_sparse_write_new(struct vd_file *f, uint64_t capacity, uint32_t version, uint32_t flags,
                           const char *desc, size_t desc_len, const char *name)
 {
     uint64_t grain = VMDK_DEFAULT_GRAIN, gtes = VMDK_GTES;

@@ -37,7 +37,7 @@ static struct libdeflate_compressor *compressor(void)
     return c;
 }
 
-int vmdk_compress_grain(const void *data, size_t len, size_t grain_bytes, uint64_t lba,
+int vd_vmdk_compress_grain(const void *data, size_t len, size_t grain_bytes, uint64_t lba,
                         uint8_t **blob, size_t *blob_len)
 {
     struct libdeflate_compressor *c = compressor();
@@ -163,7 +163,7 @@ static int write_tail(const char *name, struct vd_file *f, struct vmdk_sparse *s
     return 0;
 }
 
-int vmdk_stream_new(struct vd_file *f, uint64_t capacity, const char *desc, size_t desc_len,
+int vd_vmdk_stream_new(struct vd_file *f, uint64_t capacity, const char *desc, size_t desc_len,
                     const char *name)
 {
     uint64_t desc_size = 20;
@@ -203,7 +203,7 @@ int vmdk_stream_new(struct vd_file *f, uint64_t capacity, const char *desc, size
     return r;
 }
 
-int vmdk_stream_begin(const char *name, struct vd_file *f, struct vmdk_sparse *s)
+int vd_vmdk_stream_begin(const char *name, struct vd_file *f, struct vmdk_sparse *s)
 {
     if (s->stream)
         return 0;
@@ -242,7 +242,7 @@ int vmdk_stream_begin(const char *name, struct vd_file *f, struct vmdk_sparse *s
     return 0;
 }
 
-int vmdk_stream_append(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g,
+int vd_vmdk_stream_append(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g,
                        const uint8_t *blob, size_t blob_len)
 {
     uint32_t di = (uint32_t)(g / s->gtes);
@@ -261,7 +261,7 @@ int vmdk_stream_append(const char *name, struct vd_file *f, struct vmdk_sparse *
     if (!s->gt[di]) {
         if (s->gd[di]) {
             uint32_t e;
-            r = vmdk_sparse_gte(name, f, s, g, &e);
+            r = vd_vmdk_sparse_gte(name, f, s, g, &e);
             if (r < 0)
                 return r;
         } else {
@@ -285,7 +285,7 @@ int vmdk_stream_append(const char *name, struct vd_file *f, struct vmdk_sparse *
     return 0;
 }
 
-int vmdk_stream_finish(const char *name, struct vd_file *f, struct vmdk_sparse *s)
+int vd_vmdk_stream_finish(const char *name, struct vd_file *f, struct vmdk_sparse *s)
 {
     if (!s->stream || !s->stream_dirty)
         return 0;

@@ -265,7 +265,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "vdiskd: --stdio cannot be combined with --nbd\n");
         return 1;
     }
-    if (!nexports && !control) {
+    if (!nexports && !control && !getenv("LISTEN_FDS")) {
         fprintf(stderr, "vdiskd: nothing to serve: give --export file=PATH, or --control to add exports later\n");
         return 1;
     }
@@ -277,6 +277,10 @@ int main(int argc, char **argv)
 
     vd_log_setup(use_syslog, level, "vdiskd");
     signal(SIGPIPE, SIG_IGN);
+    /* A shell starts background jobs with SIGINT ignored; ignored signals
+     * never reach a signalfd, so take them back. */
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
     sigset_t sigs;
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
@@ -319,6 +323,10 @@ int main(int argc, char **argv)
     r = activation(&ls, &nls, &control_fd);
     if (r < 0)
         goto fail;
+    if (!nexports && !control && control_fd < 0) {
+        r = vd_err(-EINVAL, "nothing to serve: no --export and no control socket");
+        goto fail;
+    }
     /* Started by a client through socket activation (nbdinfo [ CMD ]): serve
      * its socket instead of stdin, and still exit after that connection. */
     bool serve_stdin = stdio_mode && r == 0;
@@ -355,10 +363,8 @@ int main(int argc, char **argv)
 
     vd_loop_run(main_loop);
 
-    /* Shutdown: a second signal now ends the process at once. */
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
-    pthread_sigmask(SIG_UNBLOCK, &sigs, NULL);
+    /* Shutdown. Further SIGINT/SIGTERM stay blocked: a Ctrl-C that reaches
+     * both a wrapper script and vdiskd must not cut the drain short. */
     vd_loop_del_fd(main_loop, sfd);
     close(sfd);
     vdd_listen_close(main_loop, ls, nls);
