@@ -130,3 +130,13 @@ check "  qemu-img check agrees" qemu-img check corrupt.qcow2
 out=$(qemu-io -c "read -P 1 0 64k" corrupt.qcow2 2>&1)
 grep -q "^read 65536/65536" <<<"$out" && ! grep -q "verification failed" <<<"$out" && ok "  data intact" || fail "  data intact" "$out"
 check_fails "check -r with -U" "$VDISK" check -r all -U corrupt.qcow2
+
+# internal snapshots (made by qemu-img) in info, human and JSON
+qemu-img create -q -f qcow2 snap.qcow2 16M
+qemu-io -c "write -P 1 0 64k" snap.qcow2 > /dev/null
+qemu-img snapshot -c snap1 snap.qcow2
+qemu-img snapshot -c "second snapshot" snap.qcow2
+a=$("$VDISK" info snap.qcow2 | grep -v '^disk size:'); b=$(qemu-img info snap.qcow2 | grep -v '^disk size:')
+[ "$a" = "$b" ] && ok "info human with a snapshot list" || fail "info human with a snapshot list" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
+a=$("$VDISK" info --output=json snap.qcow2 | nojs); b=$(qemu-img info --output=json snap.qcow2 | nojs)
+[ "$a" = "$b" ] && ok "info JSON with snapshots" || fail "info JSON with snapshots" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
