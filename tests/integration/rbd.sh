@@ -34,6 +34,15 @@ size=$(rbdc info rbd/new1 --format json 2>/dev/null | jq -r .size)
 [ "$size" = $((10 * 1024 * MiB)) ] && ok "rbd sees the created size" || fail "rbd sees the created size" "size $size"
 check_fails "create refuses an existing image" $VDISK create -f raw "$(R new1)" 1G
 
+# names: a namespace, and an escaped ':' in the image name, parsed as qemu-img does
+rbdc namespace create rbd/ns1 > /dev/null 2>&1
+check "create in a namespace (rbd:POOL/NS/IMAGE)" $VDISK create -f raw "rbd:rbd/ns1/nsimg:conf=$CONF" 16M
+rbdc ls rbd/ns1 2>/dev/null | grep -qx nsimg && ok "rbd lists it in the namespace" || fail "rbd lists it in the namespace" "$(rbdc ls rbd/ns1 2>&1)"
+out=$(qemu-img info --output=json "rbd:rbd/ns1/nsimg:conf=$CONF" 2>&1)
+[ "$(jq -r '."virtual-size"' <<<"$out" 2>/dev/null)" = $((16 * MiB)) ] && ok "qemu-img finds it under the same name" || fail "qemu-img finds it under the same name" "$out"
+check "an escaped ':' belongs to the image name" $VDISK create -f raw "rbd:rbd/a\\:b:conf=$CONF" 16M
+rbdc ls rbd 2>/dev/null | grep -qx 'a:b' && ok "rbd lists image 'a:b'" || fail "rbd lists image 'a:b'" "$(rbdc ls rbd 2>&1)"
+
 # ---- convert raw -> rbd -> raw ----
 check "convert raw -> rbd" $VDISK convert -f raw -O raw "$T/src.raw" "$(R img)"
 check "qemu-img (its own rbd driver) reads the same data" qemu-img compare -f raw -F raw "$T/src.raw" "$(R img)"
@@ -223,7 +232,9 @@ check "vhost-user-blk on an rbd image: 4 KiB at QD32 written, then verified" \
 stop_vdiskd v
 
 # ---- errors: bounded in time, clear ----
-sed -E 's/^mon host = .*/mon host = v2:127.0.0.1:46998/' "$CONF" > "$T/dead.conf"
+# a loopback port nobody listens on (below the test clusters' range)
+for dead in $(seq $((45000 + RANDOM % 900)) 45999); do ss -Htln "sport = :$dead" | grep -q . || break; done
+sed -E "s/^mon host = .*/mon host = v2:127.0.0.1:$dead/" "$CONF" > "$T/dead.conf"
 t0=$SECONDS
 out=$($VDISK info "rbd:rbd/img:conf=$T/dead.conf:timeout=3" 2>&1); rc=$?
 el=$((SECONDS - t0))
