@@ -76,6 +76,9 @@ osd crush chooseleaf type = 0
 mon allow pool delete = true
 mon allow pool size one = true
 mon warn on pool no redundancy = false
+# a nearly full disk must not stop the throwaway monitor
+mon data avail warn = 1
+mon data avail crit = 0
 paxos propose interval = 0.1
 run dir = $dir/run
 pid file =
