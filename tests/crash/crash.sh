@@ -81,7 +81,7 @@ for ((i = 1; i <= points; i++)); do
     fi
     if [ -z "$why" ] && [ -n "$qfmt" ]; then
         out=$(qemu-img check -f "$qfmt" "$img" 2>&1); rc=$?
-        case $rc in 0|3) ;; *) why="qemu-img check exit $rc: $(echo "$out" | head -5 | tr '\n' ' ')" ;; esac
+        case $rc in 0|3|63) ;; *) why="qemu-img check exit $rc: $(echo "$out" | head -5 | tr '\n' ' ')" ;; esac
     fi
     if [ -z "$why" ] && ! { [ -f "$journal" ] && [ "$(wc -l < "$journal")" -ge 1 ]; }; then
         # killed before it wrote its journal header: nothing was acknowledged,
