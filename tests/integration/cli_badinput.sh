@@ -70,7 +70,7 @@ check_fails "convert -S junk" "$VDISK" convert -S junk -f raw "$T/ok.raw" "$T/s.
 
 # an image in use by another vdisk: refused with a hint at -U; -U reads it
 "$VDISK" create -q -f raw "$T/busy.raw" 1M
-"$VDISK" io -f raw -c "sleep 5000" "$T/busy.raw" & holder=$!
+"$VDISK" io -f raw -c "sleep 60000" "$T/busy.raw" & holder=$!
 on_exit "kill $holder 2>/dev/null"
 for ((i = 0; i < 50; i++)); do "$VDISK" io -f raw -c flush "$T/busy.raw" > /dev/null 2>&1 || break; sleep 0.1; done
 check_fails "info of an image in use" "$VDISK" info -f raw "$T/busy.raw"
