@@ -337,7 +337,7 @@ static ssize_t xwritev(struct conn *c, const struct iovec *iov, int cnt)
  * that an idle thread keeps at most BUF_CACHE_MAX bytes. */
 #define BUF_MIN_SHIFT 12
 #define BUF_CLASSES   14               /* 4 KiB .. 32 MiB */
-#define BUF_CACHE_MAX (96u << 20)
+#define BUF_CACHE_MAX (32u << 20)
 struct freebuf { struct freebuf *next; };
 static __thread struct freebuf *buf_free[BUF_CLASSES];
 static __thread size_t buf_cached;
@@ -592,7 +592,8 @@ static int reply_read_structured(struct conn *c, struct nreq *q)
         h += 32;
         pos = end;
     }
-    vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
+    if (last)   /* len > 0 here, so there is at least one chunk */
+        vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
     q->oiovcnt = n;
     q->olen = olen;
     return 0;
@@ -707,7 +708,8 @@ static void block_status(struct conn *c, struct nreq *q)
         q->olen += 24 + 8 * (size_t)d.n;
         last = hd;
     }
-    vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
+    if (last)   /* a block status reply has at least one context */
+        vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
 }
 
 /* ---- request lifecycle ---- */

@@ -34,6 +34,15 @@ size=$(rbdc info rbd/new1 --format json 2>/dev/null | jq -r .size)
 [ "$size" = $((10 * 1024 * MiB)) ] && ok "rbd sees the created size" || fail "rbd sees the created size" "size $size"
 check_fails "create refuses an existing image" $VDISK create -f raw "$(R new1)" 1G
 
+# names: a namespace, and an escaped ':' in the image name, parsed as qemu-img does
+rbdc namespace create rbd/ns1 > /dev/null 2>&1
+check "create in a namespace (rbd:POOL/NS/IMAGE)" $VDISK create -f raw "rbd:rbd/ns1/nsimg:conf=$CONF" 16M
+rbdc ls rbd/ns1 2>/dev/null | grep -qx nsimg && ok "rbd lists it in the namespace" || fail "rbd lists it in the namespace" "$(rbdc ls rbd/ns1 2>&1)"
+out=$(qemu-img info --output=json "rbd:rbd/ns1/nsimg:conf=$CONF" 2>&1)
+[ "$(jq -r '."virtual-size"' <<<"$out" 2>/dev/null)" = $((16 * MiB)) ] && ok "qemu-img finds it under the same name" || fail "qemu-img finds it under the same name" "$out"
+check "an escaped ':' belongs to the image name" $VDISK create -f raw "rbd:rbd/a\\:b:conf=$CONF" 16M
+rbdc ls rbd 2>/dev/null | grep -qx 'a:b' && ok "rbd lists image 'a:b'" || fail "rbd lists image 'a:b'" "$(rbdc ls rbd 2>&1)"
+
 # ---- convert raw -> rbd -> raw ----
 check "convert raw -> rbd" $VDISK convert -f raw -O raw "$T/src.raw" "$(R img)"
 check "qemu-img (its own rbd driver) reads the same data" qemu-img compare -f raw -F raw "$T/src.raw" "$(R img)"
@@ -66,8 +75,21 @@ out=$($VDISK info --output=json "$(R q0)" 2>&1)
 check "convert raw -> qcow2 on rbd" $VDISK convert -f raw -O qcow2 "$T/src.raw" "$(R q1)"
 check "qemu-img reads vdisk's qcow2 on rbd as the source" qemu-img compare -f raw -F qcow2 "$T/src.raw" "$(R q1)"
 check "qemu-img check finds the qcow2 on rbd clean" qemu-img check -f qcow2 "$(R q1)"
+# writes past the end grow the image ahead in steps (64 MiB here); close trims it back
+size=$(rbdc info rbd/q1 --format json 2>/dev/null | jq -r .size)
+end=$(qemu-img check --output=json -f qcow2 "$(R q1)" 2>/dev/null | jq -r '."image-end-offset"')
+[ -n "$size" ] && [ -n "$end" ] && [ "$size" -ge "$end" ] && [ "$size" -lt $((end + 4 * MiB)) ] \
+    && ok "the grown rbd image is trimmed to its content at close ($size bytes)" || fail "the grown rbd image is trimmed at close" "size $size, qcow2 end $end"
 check "convert qcow2 on rbd -> raw" $VDISK convert -O raw "$(R q1)" "$T/back3.raw"
 check "and it equals the source" cmp "$T/src.raw" "$T/back3.raw"
+
+# ---- resize ----
+check "resize grows an rbd image" $VDISK resize -f raw "$(R new1)" +1G
+size=$(rbdc info rbd/new1 --format json 2>/dev/null | jq -r .size)
+[ "$size" = $((11 * 1024 * MiB)) ] && ok "rbd sees the new size" || fail "rbd sees the new size" "size $size"
+check "resize --shrink" $VDISK resize -f raw --shrink "$(R new1)" 1G
+size=$(rbdc info rbd/new1 --format json 2>/dev/null | jq -r .size)
+[ "$size" = $((1024 * MiB)) ] && ok "rbd sees the shrunk size" || fail "rbd sees the shrunk size" "size $size"
 
 # ---- library I/O through librbd's aio path ----
 check "random 4 KiB writes through the loop" $HELPER write "$(R img)" 7 500
@@ -106,6 +128,16 @@ if awk '$1 == 0 && $2 == 33554432 && $4 == "data" {d=1} $1 == 33554432 && $4 ~ /
 else
     fail "NBD base:allocation from RBD's allocation" "$(head -4 <<<"$map" | tr '\n' ' ')"
 fi
+# discard through NBD deallocates: whole objects go, and block status says so
+check "NBD trim of 8 MiB on the rbd export" qemu-io -f raw -c 'discard 8M 8M' -c 'read -P 0 8M 8M' "$NBD"
+map=$(nbdinfo --map=base:allocation "$NBD" 2>&1)
+if awk '$1 <= 8388608 && $1 + $2 >= 16777216 && $4 ~ /hole/ {h=1} END {exit !h}' <<<"$map"; then
+    ok "after the trim, base:allocation reports a hole there"
+else
+    fail "after the trim, base:allocation reports a hole there" "$(head -6 <<<"$map" | tr '\n' ' ')"
+fi
+check "data around the trimmed range is intact" qemu-io -f raw -c 'read -v 0 512' "$NBD"
+
 # a second daemon on the same image is refused: the first holds the lock
 out=$("$VDISKD" --nbd "unix:$T/b.sock" --export "name=e,file=$(R exp),format=raw" 2>&1); rc=$?
 [ $rc -ne 0 ] && grep -q "open for writing elsewhere" <<<"$out" \
@@ -200,7 +232,9 @@ check "vhost-user-blk on an rbd image: 4 KiB at QD32 written, then verified" \
 stop_vdiskd v
 
 # ---- errors: bounded in time, clear ----
-sed -E 's/^mon host = .*/mon host = v2:127.0.0.1:46998/' "$CONF" > "$T/dead.conf"
+# a loopback port nobody listens on (below the test clusters' range)
+for dead in $(seq $((45000 + RANDOM % 900)) 45999); do ss -Htln "sport = :$dead" | grep -q . || break; done
+sed -E "s/^mon host = .*/mon host = v2:127.0.0.1:$dead/" "$CONF" > "$T/dead.conf"
 t0=$SECONDS
 out=$($VDISK info "rbd:rbd/img:conf=$T/dead.conf:timeout=3" 2>&1); rc=$?
 el=$((SECONDS - t0))
