@@ -231,6 +231,23 @@ check "vhost-user-blk on an rbd image: 4 KiB at QD32 written, then verified" \
     bash -c "'$H/vhost_io' --mode fill --queues 1 --qd 32 --bs 4K --size 16M --seed 22 '$T/vh.sock' && '$H/vhost_io' --mode verify --queues 1 --qd 32 --bs 4K --size 16M --seed 22 '$T/vh.sock'"
 stop_vdiskd v
 
+# an image without the exclusive-lock feature: RBD's advisory lock instead
+check "create an image with layering only" $VDISK create -f raw "$(R old rbd_default_features=1)" 16M
+rbdc info rbd/old 2>/dev/null | grep -q "exclusive-lock" && fail "image lacks exclusive-lock" || ok "image lacks exclusive-lock"
+mkfifo "$T/hold2.in"
+$HELPER hold "$(R old)" < "$T/hold2.in" > "$T/hold2.out" 2>&1 &
+holder2=$!
+exec 8> "$T/hold2.in"
+on_exit "exec 8>&-; kill $holder2 2>/dev/null"
+for _ in $(seq 100); do grep -q open "$T/hold2.out" && break; sleep 0.1; done
+rbdc lock ls rbd/old 2>/dev/null | grep -q "vdisk" && ok "the writer holds an advisory lock" || fail "the writer holds an advisory lock" "$(rbdc lock ls rbd/old 2>&1)"
+out=$($HELPER write "$(R old)" 8 1 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "advisory lock .* held by client" <<<"$out" && grep -q "rbd lock rm" <<<"$out" \
+    && ok "a second writer is refused, told how to clear a dead owner's lock" || fail "a second writer is refused (advisory lock)" "rc $rc: $out"
+exec 8>&-; wait $holder2
+[ -z "$(rbdc lock ls rbd/old 2>/dev/null)" ] && ok "the advisory lock is released at close" || fail "the advisory lock is released at close" "$(rbdc lock ls rbd/old 2>&1)"
+check "and the next writer gets it" $HELPER write "$(R old)" 9 10
+
 # ---- errors: bounded in time, clear ----
 # a loopback port nobody listens on (below the test clusters' range)
 for dead in $(seq $((45000 + RANDOM % 900)) 45999); do ss -Htln "sport = :$dead" | grep -q . || break; done
