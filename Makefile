@@ -134,11 +134,3 @@ install: all
 
 clean:
 	rm -rf build
-
-# Test helper programs: tests/helpers/NAME.c -> $(BUILD)/tests/helpers/NAME (built by `make tests`).
-HELPER_SRCS := $(wildcard tests/helpers/*.c)
-HELPERS  := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
-tests: $(HELPERS)
-$(BUILD)/tests/helpers/%: $(BUILD)/obj/tests/helpers/%.o $(LIB_A)
-	@mkdir -p $(dir $@)
-	$(CC) $(LDFLAGS) -o $@ $< -Wl,--whole-archive $(LIB_A) -Wl,--no-whole-archive $(LIBS)

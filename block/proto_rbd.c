@@ -323,6 +323,10 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     st->readonly = (flags & VD_FILE_RDONLY) || s.snap;
     st->label = strdup(name);     /* messages name the image as the user gave it */
     if (!st->label) { r = vd_err(-ENOMEM, "%s: out of memory", name); goto fail; }
+    if (s.snap && !(flags & VD_FILE_RDONLY) && !(flags & VD_FILE_CREATE)) {
+        r = vd_err(-EROFS, "%s: snapshot '%s' is read-only: open it read-only", name, s.snap);
+        goto fail;
+    }
     if ((flags & VD_FILE_CREATE) && (s.snap || (flags & VD_FILE_RDONLY))) {
         r = vd_err(-EINVAL, "%s: cannot create %s", st->label, s.snap ? "a snapshot" : "a read-only image");
         goto fail;

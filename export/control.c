@@ -250,6 +250,8 @@ static void client_event(struct vd_loop *loop, int fd, uint32_t events, void *op
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
                 break;
             if (n <= 0) {
+                /* The client stopped sending; it may still read the replies. */
+                client_flush(cl);
                 client_free(cl);
                 return;
             }

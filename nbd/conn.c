@@ -89,6 +89,9 @@ struct conn {
     bool read_closed;           /* EOF, NBD_CMD_DISC or shutdown: read no more */
     bool dead;                  /* drop output, close when the disk is done */
     bool busy, again;           /* progress() re-entrancy */
+    bool rd_idle;               /* the last read found nothing: wait for EPOLLIN */
+    bool dirty;                 /* on this thread's list of replies to push out */
+    struct conn *dnext;
     uint32_t ev_r, ev_w;        /* registered epoll masks (0 = not registered) */
     bool reg_r, reg_w;
     struct vd_export *exp;
@@ -147,6 +150,48 @@ unsigned vd_nbd_connections(void)
 }
 
 static void progress(struct conn *c);
+
+/* Replies completed during one loop iteration go out together: completions
+ * mark their connection dirty and a zero-delay timer (which runs after the
+ * iteration's events) sends each dirty connection's queue with one write. */
+static __thread struct conn *dirty_head;
+static __thread bool flush_armed;
+
+static void flush_dirty(void *opaque)
+{
+    flush_armed = false;
+    while (dirty_head) {
+        struct conn *c = dirty_head;
+        dirty_head = c->dnext;
+        c->dirty = false;
+        progress(c);
+    }
+}
+
+static void mark_dirty(struct conn *c)
+{
+    if (c->dirty)
+        return;
+    c->dirty = true;
+    c->dnext = dirty_head;
+    dirty_head = c;
+    if (!flush_armed) {
+        flush_armed = true;
+        vd_loop_timer(c->loop, 0, flush_dirty, NULL);
+    }
+}
+
+static void undirty(struct conn *c)
+{
+    if (!c->dirty)
+        return;
+    for (struct conn **pp = &dirty_head; *pp; pp = &(*pp)->dnext)
+        if (*pp == c) {
+            *pp = c->dnext;
+            break;
+        }
+    c->dirty = false;
+}
 
 /* ---- export lookup for the handshake ---- */
 
@@ -285,11 +330,84 @@ static ssize_t xwritev(struct conn *c, const struct iovec *iov, int cnt)
     }
 }
 
+/* ---- request buffers ----
+ * Per-thread free lists by power-of-two size class: a fresh 1 MiB buffer
+ * per request costs page faults and munmap on every request. Bounded so
+ * that an idle thread keeps at most BUF_CACHE_MAX bytes. */
+#define BUF_MIN_SHIFT 12
+#define BUF_CLASSES   14               /* 4 KiB .. 32 MiB */
+#define BUF_CACHE_MAX (96u << 20)
+struct freebuf { struct freebuf *next; };
+static __thread struct freebuf *buf_free[BUF_CLASSES];
+static __thread size_t buf_cached;
+
+static pthread_key_t buf_key;
+static pthread_once_t buf_once = PTHREAD_ONCE_INIT;
+
+/* Thread exit: give the cached buffers back. */
+static void buf_drain(void *unused)
+{
+    for (unsigned c = 0; c < BUF_CLASSES; c++)
+        while (buf_free[c]) {
+            struct freebuf *b = buf_free[c];
+            buf_free[c] = b->next;
+            free(b);
+        }
+    buf_cached = 0;
+}
+
+static void buf_key_make(void)
+{
+    pthread_key_create(&buf_key, buf_drain);
+}
+
+static unsigned buf_class(size_t len)
+{
+    unsigned c = 0;
+    while (((size_t)1 << (BUF_MIN_SHIFT + c)) < len)
+        c++;
+    return c;
+}
+
+static void *buf_get(size_t len)
+{
+    unsigned c = buf_class(len);
+    if (c >= BUF_CLASSES)
+        return vd_alloc_aligned(len);
+    struct freebuf *b = buf_free[c];
+    if (b) {
+        buf_free[c] = b->next;
+        buf_cached -= (size_t)1 << (BUF_MIN_SHIFT + c);
+        return b;
+    }
+    return vd_alloc_aligned((size_t)1 << (BUF_MIN_SHIFT + c));
+}
+
+static void buf_put(void *p, size_t len)
+{
+    if (!p)
+        return;
+    unsigned c = buf_class(len);
+    size_t sz = (size_t)1 << (BUF_MIN_SHIFT + c);
+    if (c >= BUF_CLASSES || buf_cached + sz > BUF_CACHE_MAX) {
+        free(p);
+        return;
+    }
+    if (!buf_cached) {
+        pthread_once(&buf_once, buf_key_make);
+        pthread_setspecific(buf_key, (void *)1);
+    }
+    struct freebuf *b = p;
+    b->next = buf_free[c];
+    buf_free[c] = b;
+    buf_cached += sz;
+}
+
 /* ---- requests ---- */
 
 static void nreq_free(struct nreq *q)
 {
-    free(q->buf);
+    buf_put(q->buf, q->h.len);
     if (q->oiov != q->small_iov)
         free(q->oiov);
     free(q->ohdr);
@@ -624,11 +742,14 @@ static void req_done(struct vd_req *r, int res)
         reply_ok(c, q);
     }
     if (q->h.type == NBD_CMD_CACHE) {
-        free(q->buf);   /* read only to warm the cache */
+        buf_put(q->buf, q->h.len);   /* read only to warm the cache */
         q->buf = NULL;
     }
     enqueue(c, q);
-    progress(c);
+    if (c->busy)
+        c->again = true;
+    else
+        mark_dirty(c);
 }
 
 static void submit(struct conn *c, struct nreq *q, enum vd_op op, unsigned flags, bool data)
@@ -734,7 +855,7 @@ static bool take_header(struct conn *c)
     if (!err && (h.type == NBD_CMD_READ || h.type == NBD_CMD_WRITE ||
                  (h.type == NBD_CMD_CACHE && h.len <= VD_NBD_MAX_BLOCK))) {
         if (h.len) {
-            q->buf = vd_alloc_aligned(h.len);
+            q->buf = buf_get(h.len);
             if (!q->buf) {
                 err = NBD_ENOMEM;
                 why = "out of memory";
@@ -933,6 +1054,8 @@ static bool do_read(struct conn *c)
             c->in_pos = c->in_len = 0;
         if (c->rx && c->in_pos == c->in_len && c->rx->h.len - c->rx->got >= 65536) {
             struct nreq *q = c->rx;
+            if (c->rd_idle && !c->ssl)
+                return moved;
             n = xread(c, q->buf + q->got, q->h.len - q->got);
             if (n > 0) {
                 q->got += (uint32_t)n;
@@ -951,6 +1074,8 @@ static bool do_read(struct conn *c)
             }
             if (c->in_len == IN_CAP)
                 return moved;   /* cannot happen: requests are consumed */
+            if (c->rd_idle && !c->ssl)
+                return moved;   /* nothing new since the last EAGAIN */
             n = xread(c, c->in + c->in_len, IN_CAP - c->in_len);
             if (n > 0) {
                 c->in_len += (size_t)n;
@@ -958,8 +1083,10 @@ static bool do_read(struct conn *c)
                 continue;
             }
         }
-        if (n == -EAGAIN)
+        if (n == -EAGAIN) {
+            c->rd_idle = true;
             return moved;
+        }
         if (n == 0)
             c->read_closed = true;
         else {
@@ -1070,6 +1197,7 @@ static void update_events(struct conn *c)
 
 static void destroy(struct conn *c)
 {
+    undirty(c);
     vd_loop_del_fd(c->loop, c->rfd);
     if (c->wfd != c->rfd)
         vd_loop_del_fd(c->loop, c->wfd);
@@ -1134,6 +1262,8 @@ static void progress(struct conn *c)
 static void on_event(struct vd_loop *loop, int fd, uint32_t events, void *opaque)
 {
     struct conn *c = opaque;
+    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR))
+        c->rd_idle = false;
     if ((events & (EPOLLHUP | EPOLLERR)) && !(events & EPOLLIN)) {
         /* The peer is gone and there is nothing left to read. */
         c->dead = true;
@@ -1167,6 +1297,10 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
     c->oq_tail = &c->oq;
     set_nonblock(rfd);
     set_nonblock(wfd);
+    /* Room for a few large replies in the socket: fewer wake-ups per
+     * 1 MiB+ read (capped by net.core.wmem_max; failure is harmless). */
+    int sndbuf = 4 << 20;
+    setsockopt(wfd, SOL_SOCKET, SO_SNDBUF, &sndbuf, sizeof sndbuf);
     vd_nbd_hs_init(&c->hs, &hs_ops, c, cfg.tls_ctx ? cfg.tls : VD_NBD_TLS_OFF);
     reg_add(c);
     c->ev_r = EPOLLIN;

@@ -164,7 +164,7 @@ static void handle(struct vhb_queue *q, uint16_t head)
     c.iov = r->iov;
     c.cap = VHB_IOV_CAP;
     int bad = virtq_map_chain(&q->vq, head, &c);
-    r->status = take_status(r, &c);
+    r->status = bad < 0 && c.status ? c.status : take_status(r, &c);
     if (r->status) r->used_len = 1;
     if (bad < 0 || !r->status || c.out_len < sizeof(h)) {
         complete(r, VIRTIO_BLK_S_IOERR);

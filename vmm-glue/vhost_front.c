@@ -63,6 +63,7 @@ struct vd_vhu {
     size_t buf_size;
     int inflight_fd;
     uint64_t inflight_size;
+    int backend_fd;                      /* our end of the back-end's channel */
     struct fq q[VHU_MAX_FDS * 8];
 };
 
@@ -256,14 +257,14 @@ static int sock_connect(const char *path, int *out)
 
 static int negotiate(struct vd_vhu *f)
 {
-    uint64_t feat, pf, nq;
+    uint64_t feat = 0, pf = 0, nq = 0;
     int rc;
     if ((rc = simple(f, VHU_GET_FEATURES, &feat, true)) < 0) return rc;
     if (!(feat & VHU_BIT(VIRTIO_F_VERSION_1)) || !(feat & VHU_BIT(VHOST_USER_F_PROTOCOL_FEATURES)))
         return vd_err(-ENOTSUP, "%s: back-end lacks VERSION_1 or protocol features", f->path);
     if ((rc = simple(f, VHU_GET_PROTOCOL_FEATURES, &pf, true)) < 0) return rc;
     uint64_t want_pf = VHU_BIT(VHU_PF_MQ) | VHU_BIT(VHU_PF_REPLY_ACK) | VHU_BIT(VHU_PF_CONFIG) |
-                       VHU_BIT(VHU_PF_CONFIGURE_MEM_SLOTS);
+                       VHU_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_BIT(VHU_PF_BACKEND_REQ);
     if (!f->o.no_inflight) want_pf |= VHU_BIT(VHU_PF_INFLIGHT_SHMFD);
     pf &= want_pf;
     if (!(pf & VHU_BIT(VHU_PF_CONFIG)))
@@ -277,6 +278,18 @@ static int negotiate(struct vd_vhu *f)
                           (unsigned long long)nq, f->o.num_queues);
     }
     if ((rc = simple(f, VHU_SET_OWNER, NULL, false)) < 0) return rc;
+    if (pf & VHU_BIT(VHU_PF_BACKEND_REQ)) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) return -errno;
+        struct vhu_msg m = { .hdr = { VHU_SET_BACKEND_REQ_FD, 0, 0 } };
+        m.fds[0] = sv[1];
+        m.nfds = 1;
+        rc = xfer(f, &m, false);
+        close(sv[1]);
+        if (rc < 0) { close(sv[0]); return rc; }
+        if (f->backend_fd >= 0) close(f->backend_fd);
+        f->backend_fd = sv[0];
+    }
     uint64_t want = VHU_BIT(VIRTIO_F_VERSION_1) | VHU_BIT(VHOST_USER_F_PROTOCOL_FEATURES) |
                     VHU_BIT(VIRTIO_BLK_F_FLUSH) | VHU_BIT(VIRTIO_BLK_F_DISCARD) |
                     VHU_BIT(VIRTIO_BLK_F_WRITE_ZEROES) | VHU_BIT(VIRTIO_BLK_F_MQ) |
@@ -327,7 +340,7 @@ int vd_vhu_connect(const char *path, const struct vd_vhu_opts *o_in, struct vd_v
     struct vd_vhu *f = calloc(1, sizeof(*f));
     if (!f) return -ENOMEM;
     f->o = o;
-    f->sock = f->inflight_fd = -1;
+    f->sock = f->inflight_fd = f->backend_fd = -1;
     f->memfd[0] = f->memfd[1] = -1;
     f->path = strdup(path);
     int rc = f->path ? 0 : -ENOMEM;
@@ -399,6 +412,7 @@ void vd_vhu_close(struct vd_vhu *f)
         if (f->memfd[i] >= 0) close(f->memfd[i]);
     }
     if (f->inflight_fd >= 0) close(f->inflight_fd);
+    if (f->backend_fd >= 0) close(f->backend_fd);
     free(f->path);
     free(f);
 }
@@ -436,6 +450,29 @@ int vd_vhu_reconnect(struct vd_vhu *f, int timeout_ms)
 }
 
 uint64_t vd_vhu_capacity(const struct vd_vhu *f) { return f->capacity; }
+int vd_vhu_backend_fd(const struct vd_vhu *f) { return f->backend_fd; }
+
+int vd_vhu_backend_msg(struct vd_vhu *f)
+{
+    struct vhu_msg m;
+    int rc = vhu_msg_recv(f->backend_fd, &m);
+    if (rc < 0) return rc;
+    vhu_msg_close_fds(&m);
+    uint32_t req = m.hdr.request;
+    bool need = m.hdr.flags & VHU_FLAG_NEED_REPLY;
+    int ret = 0;
+    if (req == VHU_BACKEND_CONFIG_CHANGE_MSG) {
+        rc = get_config(f);
+        ret = rc < 0 ? rc : 1;
+    }
+    if (need) {
+        m.hdr = (struct vhu_hdr){ req, VHU_VERSION | VHU_FLAG_REPLY, 8 };
+        m.u64 = ret < 0;
+        m.nfds = 0;
+        if ((rc = vhu_msg_send(f->backend_fd, &m)) < 0) return rc;
+    }
+    return ret;
+}
 unsigned vd_vhu_num_queues(const struct vd_vhu *f) { return f->o.num_queues; }
 uint64_t vd_vhu_features(const struct vd_vhu *f) { return f->features; }
 uint64_t vd_vhu_protocol_features(const struct vd_vhu *f) { return f->pfeatures; }

@@ -50,6 +50,12 @@ uint64_t vd_vhu_protocol_features(const struct vd_vhu *f);
 void    *vd_vhu_buf(const struct vd_vhu *f, size_t *size);
 /* Read the device config space again (e.g. after a resize). */
 int  vd_vhu_refresh_config(struct vd_vhu *f);
+/* The back-end's channel (VHOST_USER_PROTOCOL_F_BACKEND_REQ), -1 when not
+ * negotiated: poll it for input, then call vd_vhu_backend_msg, which
+ * handles one message and returns 1 for a config change (the capacity is
+ * re-read), 0 for another message, -errno on error. */
+int  vd_vhu_backend_fd(const struct vd_vhu *f);
+int  vd_vhu_backend_msg(struct vd_vhu *f);
 
 /* Queue one request; -EAGAIN when the queue is full. Nothing reaches the
  * back-end before vd_vhu_kick. */

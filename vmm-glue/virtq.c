@@ -78,10 +78,11 @@ int virtq_map_chain(const struct virtq *q, uint16_t head, struct virtq_chain *c)
 {
     const struct virtq_desc *table = q->desc;
     unsigned max = q->num, count = 0, idx = head;
-    bool indirect = false;
+    bool indirect = false, fault = false;
 
     c->niov = c->nout = 0;
     c->out_len = c->in_len = 0;
+    c->status = NULL;
     for (;;) {
         if (idx >= max || ++count > max) return -EIO;   /* out of table, or a loop */
         const volatile struct virtq_desc *vd = &table[idx];
@@ -98,9 +99,16 @@ int virtq_map_chain(const struct virtq *q, uint16_t head, struct virtq_chain *c)
             indirect = true;
             continue;
         }
-        if (d.len && add_seg(c, q->mt, d.addr, d.len, d.flags & VIRTQ_DESC_F_WRITE) < 0)
+        /* After a bad buffer, keep walking (bounded as above) only to find
+         * the last descriptor: the status byte the driver waits on. */
+        if (!fault && d.len && add_seg(c, q->mt, d.addr, d.len, d.flags & VIRTQ_DESC_F_WRITE) < 0)
+            fault = true;
+        if (!(d.flags & VIRTQ_DESC_F_NEXT)) {
+            if (!fault) return 0;
+            if ((d.flags & VIRTQ_DESC_F_WRITE) && d.len)
+                c->status = vhu_gpa(q->mt, d.addr + d.len - 1, 1);
             return -EIO;
-        if (!(d.flags & VIRTQ_DESC_F_NEXT)) return 0;
+        }
         idx = d.next;
     }
 }

@@ -50,6 +50,10 @@ struct virtq_chain {
     struct iovec *iov;
     unsigned cap, niov, nout;
     uint64_t out_len, in_len;
+    /* for a chain that is whole but names a bad buffer (outside guest
+     * memory, wrong direction, too many segments): its last byte when the
+     * last descriptor is device-writable, else NULL */
+    uint8_t *status;
 };
 
 /* Set up q over ring memory already translated (and bounds-checked for num
@@ -60,7 +64,8 @@ int  virtq_init(struct virtq *q, unsigned num, void *desc, void *avail, void *us
  * is broken (q->broken is set and the queue must not be used further). */
 int  virtq_pop(struct virtq *q, uint16_t *head);
 /* Map the chain at head into c. -EIO when the chain is malformed: c then
- * holds the segments mapped before the fault (directions still ordered). */
+ * holds the segments mapped before the fault (directions still ordered),
+ * and c->status where the driver's status byte could still be found. */
 int  virtq_map_chain(const struct virtq *q, uint16_t head, struct virtq_chain *c);
 /* Return head to the driver with len bytes written. */
 void virtq_push(struct virtq *q, uint16_t head, uint32_t len);

@@ -2,7 +2,9 @@
  * a VM: pattern write/verify, random or sequential I/O at a queue depth
  * over N queues, and a functional check of every request type.
  *   vhost_io [options] SOCKET
- *   --mode fill|verify|check|randread|randwrite|seqread|seqwrite   (default check)
+ *   --mode fill|verify|check|randread|randwrite|seqread|seqwrite|resize-wait   (default check)
+ *          resize-wait: print the capacity, wait (--runtime) for a config change
+ *          from the back-end, print the new capacity, read its last 4 KiB
  *   --queues N  --qd N (per queue)  --bs SIZE  --size SIZE (of the device used)
  *   --runtime SEC (random/seq modes)  --seed N (pattern)  --json
  *   --no-indirect --no-event-idx --no-inflight --split-memory
@@ -25,7 +27,7 @@
 #include "vdisk/opts.h"
 #include "vmm-glue/vhost_front.h"
 
-enum mode { M_FILL, M_VERIFY, M_CHECK, M_RANDREAD, M_RANDWRITE, M_SEQREAD, M_SEQWRITE };
+enum mode { M_FILL, M_VERIFY, M_CHECK, M_RANDREAD, M_RANDWRITE, M_SEQREAD, M_SEQWRITE, M_RESIZE };
 
 static struct {
     enum mode mode;
@@ -282,6 +284,28 @@ static int do_check(void)
     return errors || mismatches ? -1 : 0;
 }
 
+static int do_resize_wait(void)
+{
+    int bfd = vd_vhu_backend_fd(f);
+    printf("capacity %" PRIu64 "\n", vd_vhu_capacity(f));
+    fflush(stdout);
+    if (bfd < 0) { fprintf(stderr, "vhost_io: no back-end channel\n"); return -1; }
+    for (;;) {
+        int left = (int)((deadline - now()) * 1000);
+        if (left <= 0) { fprintf(stderr, "vhost_io: no config change\n"); return -1; }
+        struct pollfd p = { bfd, POLLIN, 0 };
+        if (poll(&p, 1, left) <= 0) continue;
+        int rc = vd_vhu_backend_msg(f);
+        if (rc < 0) { fprintf(stderr, "vhost_io: back-end channel: %s\n", strerror(-rc)); return -1; }
+        if (rc == 1) break;
+    }
+    uint64_t cap = vd_vhu_capacity(f);
+    printf("capacity %" PRIu64 "\n", cap);
+    int st = one(0, VD_VHU_READ, cap - 4096, 4096, bufs, false, NULL);
+    if (st != 0) return expect_failed("read at the new end", st, 0);
+    return 0;
+}
+
 static int write_expect(const char *path)
 {
     uint64_t cap = vd_vhu_capacity(f);
@@ -312,7 +336,7 @@ int main(int argc, char **argv)
         { "no-indirect", 0, 0, 'I' }, { "no-event-idx", 0, 0, 'E' }, { "no-inflight", 0, 0, 'F' },
         { "split-memory", 0, 0, 'M' }, { "reconnect", 1, 0, 'r' }, { "expect", 1, 0, 'x' },
         { "queue-size", 1, 0, 'Q' }, { "rate", 1, 0, 'R' }, { 0 } };
-    static const char *modes[] = { "fill", "verify", "check", "randread", "randwrite", "seqread", "seqwrite" };
+    static const char *modes[] = { "fill", "verify", "check", "randread", "randwrite", "seqread", "seqwrite", "resize-wait" };
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (c) {
@@ -368,6 +392,7 @@ int main(int argc, char **argv)
     deadline = t0 + cfg.runtime;
     end = cfg.size;
     if (cfg.mode == M_CHECK) rc = do_check();
+    else if (cfg.mode == M_RESIZE) rc = do_resize_wait();
     else rc = run_job();
     double el = now() - t0;
     if (rc == 0 && cfg.expect) rc = write_expect(cfg.expect);

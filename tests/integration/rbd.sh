@@ -132,6 +132,31 @@ out=$(fiojob "nbd+unix:///q?socket=$T/c.sock" --do_verify=1); rc=$?
 stop_vdiskd c
 check "qemu-img check: the qcow2 on rbd is clean after the run" qemu-img check -f qcow2 "$(R q0)"
 
+# a dead OSD under a running export: each request fails within the timeout,
+# the export serves again once the OSD is back
+start_vdiskd d --nbd "unix:$T/d.sock" --log-level=error \
+    --export "name=e,file=$(R exp timeout=3),format=raw" || exit 1
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+t0=$SECONDS
+out=$(timeout 60 qemu-io -f raw -c 'read 0 4k' -c 'write -P 7 1M 4k' "nbd+unix:///e?socket=$T/d.sock" 2>&1); rc=$?
+el=$((SECONDS - t0))
+kill -CONT "$osd"
+[ $rc -ne 124 ] && [ $el -le 20 ] && grep -q "read failed" <<<"$out" && grep -q "write failed" <<<"$out" \
+    && ok "dead OSD under an export: requests fail within the timeout (${el}s)" || fail "dead OSD under an export: requests fail within the timeout" "rc $rc after ${el}s: $out"
+check "the export serves again after the OSD comes back" \
+    timeout 60 qemu-io -f raw -c 'write -P 7 1M 4k' -c 'read -P 7 1M 4k' "nbd+unix:///e?socket=$T/d.sock"
+stop_vdiskd d
+
+# ---- snapshots: read-only, the data as it was ----
+rbdc snap create rbd/img@s1 > /dev/null 2>&1
+check "write after the snapshot" $HELPER write "$(R img)" 31 200
+check "convert from @snap" $VDISK convert -f raw -O raw "rbd:rbd/img@s1:conf=$CONF" "$T/snap.raw"
+check "the snapshot holds the data of its time" qemu-img compare -f raw -F raw "$T/snap.raw" "rbd:rbd/img@s1:conf=$CONF"
+out=$($VDISK convert -f raw -O raw "$(R img)" "$T/now.raw" 2>&1; cmp -s "$T/snap.raw" "$T/now.raw" && echo SAME)
+grep -q SAME <<<"$out" && fail "the image moved on from its snapshot" "head and snapshot are equal" || ok "the image moved on from its snapshot"
+check_fails "writing to a snapshot is refused" $HELPER write "rbd:rbd/img@s1:conf=$CONF" 1 1
+
 # ---- vhost-user-blk to the front-end library ----
 H=$VDISK_BUILD/tests/helpers
 rbdc create rbd/vh --size 64M

@@ -42,3 +42,15 @@ nbdinfo --size "$U" >/dev/null
 stop_vdiskd f
 check "--log=syslog writes nothing to stderr" bash -o pipefail -c "[ ! -s '$T/f.log' ]"
 check_fails "--log-level=loud is refused" "$VDISKD" --log-level=loud --export "file=$T/disk.raw"
+
+# systemd socket activation with a named control socket and no --export.
+rm -f "$S" "$T/c.sock"
+systemd-socket-activate -l "$S" -l "$T/c.sock" --fdname=nbd:control "$VDISKD" 2>"$T/sa.log" &
+sa=$!
+on_exit "kill $sa 2>/dev/null"
+for i in $(seq 100); do [ -S "$T/c.sock" ] && break; sleep 0.05; done
+check "activation: export-add on the passed control socket" "$VDISK" ctl "$T/c.sock" export-add "name=z,file=$T/disk.raw,format=raw"
+check "activation: served on the passed NBD socket" nbdinfo --size "nbd+unix:///z?socket=$S"
+check "activation: quit" "$VDISK" ctl "$T/c.sock" quit
+wait $sa; rc=$?
+if [ $rc -eq 0 ] && sanitizer_clean "$T/sa.log"; then ok "activation: clean exit"; else fail "activation: clean exit" "rc $rc"; fi

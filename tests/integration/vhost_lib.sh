@@ -13,11 +13,21 @@ IO=$H/vhost_io
 start_vdisk() {
     local img=$1 sock=$2 opts=${3:+,$3}
     rm -f "$sock"
-    "$VDISKD" --nbd "unix:$sock.nbd" --pidfile "$sock.pid" \
+    "$VDISKD" --nbd "unix:$sock.nbd" --control "$sock.ctl" --pidfile "$sock.pid" \
         --export "type=vhost-user-blk,name=vdisk-test,file=$img,format=raw,socket=$sock$opts" 2>> "$T/serve.log" &
     on_exit "kill $! 2>/dev/null; wait $! 2>/dev/null"
     for _ in $(seq 200); do [ -S "$sock" ] && [ -f "$sock.pid" ] && return 0; sleep 0.05; done
     return 1
+}
+# ctl SOCKET COMMAND ARGS-JSON: one control command; prints the reply
+ctl() {
+    python3 - "$@" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.readline()
+f.write(json.dumps({"execute": sys.argv[2], "arguments": json.loads(sys.argv[3])}) + "\n"); f.flush()
+r = f.readline(); print(r.strip()); sys.exit(0 if '"return"' in r else 1)
+PY
 }
 stop_pid() {
     local pid; pid=$(cat "$1" 2>/dev/null) || return 0
@@ -42,6 +52,17 @@ check "vdisk: small queue, deep chains" \
 io=$!; sleep 0.3; kill -9 $io 2>/dev/null; wait $io 2>/dev/null
 check "vdisk: usable after a front-end died mid-I/O" \
     "$IO" --queues 2 --qd 8 --bs 64K --seed 14 --expect "$T/a.expect" "$T/a.sock"
+# online resize: the front-end hears of it on the back-end channel
+"$IO" --mode resize-wait --runtime 20 "$T/a.sock" > "$T/resize.out" 2>&1 &
+rz=$!
+sleep 0.5
+check "vhost-user-blk-resize on the control socket" ctl "$T/a.sock.ctl" vhost-user-blk-resize '{"name": "vdisk-test", "size": 100663296}'
+wait $rz; rc=$?
+if [ $rc -eq 0 ] && [ "$(grep -c '^capacity' "$T/resize.out")" = 2 ] && grep -qx 'capacity 100663296' "$T/resize.out"; then
+    ok "config change reaches the front-end; new capacity readable"
+else fail "config change reaches the front-end; new capacity readable" "$(tr '\n' ' ' < "$T/resize.out")"; fi
+check_fails "vhost-user-blk-resize of an unknown export fails" ctl "$T/a.sock.ctl" vhost-user-blk-resize '{"name": "nope", "size": 1048576}'
+truncate -s 64M "$T/a.raw"     # back to the size the expected image has
 stop_pid "$T/a.sock.pid"
 check "vdisk: image content as expected (qemu-img compare)" qemu-img compare -f raw -F raw "$T/a.expect" "$T/a.raw"
 if grep -qE 'AddressSanitizer|runtime error|LeakSanitizer' "$T/serve.log"; then

@@ -143,6 +143,27 @@ static void test_loop(void **state)
     assert_int_equal(virtq_map_chain(&e->q, 2, &e->c), -EIO);
 }
 
+/* A whole chain naming a bad buffer still yields the driver's status
+ * byte (its last, device-writable descriptor) so the request can fail
+ * with IOERR; a read-only last descriptor yields none. */
+static void test_status_after_bad_buffer(void **state)
+{
+    struct env *e = *state;
+    put_desc(e->desc, 0, GPA0 + 0x4000, 16, VIRTQ_DESC_F_NEXT, 1);
+    put_desc(e->desc, 1, 0x10, 512, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 2);
+    put_desc(e->desc, 2, GPA0 + 0x6000, 1, VIRTQ_DESC_F_WRITE, 0);
+    assert_int_equal(virtq_map_chain(&e->q, 0, &e->c), -EIO);
+    assert_ptr_equal(e->c.status, vhu_gpa(e->mt, GPA0 + 0x6000, 1));
+    put_desc(e->desc, 2, GPA0 + 0x6000, 1, 0, 0);
+    assert_int_equal(virtq_map_chain(&e->q, 0, &e->c), -EIO);
+    assert_null(e->c.status);
+    /* the status itself outside memory */
+    put_desc(e->desc, 1, GPA0 + 0x5000, 512, VIRTQ_DESC_F_WRITE | VIRTQ_DESC_F_NEXT, 2);
+    put_desc(e->desc, 2, GPA1 + MEM, 1, VIRTQ_DESC_F_WRITE, 0);
+    assert_int_equal(virtq_map_chain(&e->q, 0, &e->c), -EIO);
+    assert_null(e->c.status);
+}
+
 static void test_next_out_of_table(void **state)
 {
     struct env *e = *state;
@@ -394,7 +415,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
 #define T(f) cmocka_unit_test_setup_teardown(f, setup, teardown)
         T(test_simple_chain), T(test_indirect_chain), T(test_buffer_across_regions),
-        T(test_loop), T(test_next_out_of_table), T(test_indirect_hostile),
+        T(test_loop), T(test_status_after_bad_buffer), T(test_next_out_of_table), T(test_indirect_hostile),
         T(test_bad_addresses), T(test_too_many_segments), T(test_wrong_direction),
         T(test_bad_head_breaks_ring), T(test_avail_index_jump), T(test_event_idx),
         T(test_no_event_idx), T(test_init_rejects), T(test_inflight_recovery),

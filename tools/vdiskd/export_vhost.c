@@ -2,9 +2,12 @@
  * vhost-user front-end (a VM) on a unix socket:
  *   --export type=vhost-user-blk,name=N,file=F,socket=PATH[,num-queues=N]
  *            [,threads=N][,serial=S][,logical-block-size=512|4096][,format=..][,cache=..]
- * The back-end itself is vmm-glue/vhost_blk.c. */
+ * The back-end itself is vmm-glue/vhost_blk.c. Control command:
+ *   vhost-user-blk-resize {"name": N, "size": BYTES}: resize the export's
+ *   disk and tell the front-end (a config change the guest sees at once). */
 #include <errno.h>
 #include <string.h>
+#include "vdisk/control.h"
 #include "vdisk/error.h"
 #include "vdisk/export.h"
 #include "vdisk/engine.h"
@@ -80,6 +83,29 @@ static void vhost_stats(struct vd_export *e, json_t *out)
     json_object_set_new(out, "bad-requests", json_integer(st.errors));
 }
 
+static int cmd_resize(json_t *args, json_t **ret)
+{
+    const char *name = json_string_value(json_object_get(args, "name"));
+    json_t *jsize = json_object_get(args, "size");
+    if (!name || !json_is_integer(jsize) || json_integer_value(jsize) <= 0)
+        return vd_err(-EINVAL, "vhost-user-blk-resize needs name and a positive size");
+    uint64_t size = json_integer_value(jsize);
+    if (size % 512)
+        return vd_err(-EINVAL, "size %llu is not a multiple of 512", (unsigned long long)size);
+    struct vd_export *e = vd_export_get(name, "vhost-user-blk");
+    if (!e)
+        return vd_err(-ENOENT, "no vhost-user-blk export named '%s'", name);
+    int r = e->readonly ? vd_err(-EROFS, "export '%s' is read-only", name)
+                        : vd_disk_resize(e->disk, size, VD_PREALLOC_OFF);
+    if (r == 0 && e->priv)
+        r = vd_vhost_blk_resized(e->priv);
+    if (r == 0)
+        vd_log(VD_LOG_INFO, "export '%s': resized to %llu bytes", name, (unsigned long long)size);
+    vd_export_put(e);
+    *ret = NULL;
+    return r;
+}
+
 static const struct vd_export_type vhost_type = {
     .name = "vhost-user-blk",
     .start = vhost_start,
@@ -90,4 +116,5 @@ static const struct vd_export_type vhost_type = {
 __attribute__((constructor)) static void register_vhost_type(void)
 {
     vd_export_type_register(&vhost_type);
+    vd_control_register("vhost-user-blk-resize", cmd_resize);
 }

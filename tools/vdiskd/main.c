@@ -265,7 +265,7 @@ int main(int argc, char **argv)
         fprintf(stderr, "vdiskd: --stdio cannot be combined with --nbd\n");
         return 1;
     }
-    if (!nexports && !control) {
+    if (!nexports && !control && !getenv("LISTEN_FDS")) {
         fprintf(stderr, "vdiskd: nothing to serve: give --export file=PATH, or --control to add exports later\n");
         return 1;
     }
@@ -319,6 +319,10 @@ int main(int argc, char **argv)
     r = activation(&ls, &nls, &control_fd);
     if (r < 0)
         goto fail;
+    if (!nexports && !control && control_fd < 0) {
+        r = vd_err(-EINVAL, "nothing to serve: no --export and no control socket");
+        goto fail;
+    }
     /* Started by a client through socket activation (nbdinfo [ CMD ]): serve
      * its socket instead of stdin, and still exit after that connection. */
     bool serve_stdin = stdio_mode && r == 0;

@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# vdiskd vs qemu-nbd vs nbdkit over NBD, one run, the same 1 GiB raw file
+# (random data), the same fio jobs through fio's NBD engine (libnbd, Unix
+# socket, one connection): 4 KiB randread and randwrite at QD32, 1 MiB
+# sequential read at QD8.
+#   buffered: vdiskd cache=writeback | qemu-nbd --cache=writeback --aio=io_uring -e 8 | nbdkit file
+#   O_DIRECT: vdiskd cache=none      | qemu-nbd --cache=none --aio=io_uring -e 8 | fio io_uring --direct=1 locally
+#   qcow2 (fully allocated, cache=none): vdiskd | qemu-nbd
+# Prints a table with the ratios vdiskd / peer (above 1: vdiskd is faster).
+#   RUNTIME=seconds per job (default 10), BENCH_DIR=where the images go
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VDISKD=${VDISKD:-$PWD/build/bin/vdiskd}
+RT=${RUNTIME:-10}
+W=${BENCH_DIR:-$PWD/build/bench/nbd}
+mkdir -p "$W"
+img=$W/img.raw
+qimg=$W/img.qcow2
+if [ ! -s "$img" ] || [ "$(stat -c %s "$img")" -ne 1073741824 ]; then
+    echo "creating $img (1 GiB of random data)" >&2
+    openssl enc -aes-128-ctr -pass pass:nbdbench -nosalt -pbkdf2 < <(head -c 1073741824 /dev/zero) > "$img" 2>/dev/null
+fi
+[ -s "$qimg" ] || qemu-img convert -f raw -O qcow2 "$img" "$qimg"
+sock=$W/nbd.sock
+srv=
+
+stop() {
+    [ -n "$srv" ] && { kill "$srv" 2>/dev/null; wait "$srv" 2>/dev/null || true; }
+    srv=
+    rm -f "$sock"
+}
+trap stop EXIT
+
+waitsock() { for _ in $(seq 200); do [ -S "$sock" ] && return 0; sleep 0.05; done; echo "server did not start" >&2; exit 1; }
+
+start() {   # vdiskd|qemu-nbd|nbdkit FILE FORMAT CACHE
+    stop
+    case $1 in
+    vdiskd) "$VDISKD" --log-level=warning --nbd "unix:$sock" --export "file=$2,format=$3,cache=$4" & ;;
+    qemu-nbd) qemu-nbd -t -f "$3" --cache="$4" --aio=io_uring -e 8 -k "$sock" "$2" & ;;
+    nbdkit) nbdkit -f -U "$sock" file "$2" & ;;
+    esac
+    srv=$!
+    waitsock
+}
+
+# job NAME -> fio arguments
+jobargs() {
+    case $1 in
+    randread) echo "--rw=randread --bs=4k --iodepth=32" ;;
+    randwrite) echo "--rw=randwrite --bs=4k --iodepth=32" ;;
+    seqread) echo "--rw=read --bs=1M --iodepth=8" ;;
+    esac
+}
+
+# fio_run JOB ENGINE-ARGS... -> "IOPS MiB/s"
+fio_run() {
+    local job=$1
+    shift
+    # shellcheck disable=SC2046
+    fio --name="$job" $(jobargs "$job") --size=1G --runtime="$RT" --ramp_time=1 --time_based \
+        --randrepeat=0 --norandommap --output-format=json "$@" 2>/dev/null |
+        sed -n '/^{/,$p' |
+        jq -r '.jobs[0] | (if .read.io_bytes > 0 then .read else .write end) | "\(.iops|floor) \(.bw_bytes/1048576|floor)"'
+}
+
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
+# nbd_run JOB -> "IOPS MiB/s SERVER-CPU-us-per-op" (CPU from /proc: robust when the machine is busy)
+nbd_run() {
+    local a b out
+    a=$(cpu_ticks "$srv")
+    out=$(fio_run "$1" --ioengine=nbd --uri="nbd+unix:///?socket=$sock")
+    b=$(cpu_ticks "$srv")
+    awk -v o="$out" -v d=$((b - a)) -v hz="$(getconf CLK_TCK)" -v rt="$RT" 'BEGIN {
+        split(o, f, " "); ops = f[1] * (rt + 1); printf "%s %s %.1f", f[1], f[2], ops > 0 ? d * 1e6 / hz / ops : 0 }'
+}
+
+declare -A R
+cat "$img" > /dev/null   # the page cache holds the image for the buffered runs
+for s in vdiskd qemu-nbd nbdkit; do
+    start "$s" "$img" raw writeback
+    for j in randread seqread randwrite; do R[buf,$s,$j]=$(nbd_run "$j"); echo "buffered $s $j: ${R[buf,$s,$j]}" >&2; done
+done
+for s in vdiskd qemu-nbd; do
+    start "$s" "$img" raw none
+    for j in randread seqread randwrite; do R[direct,$s,$j]=$(nbd_run "$j"); echo "O_DIRECT $s $j: ${R[direct,$s,$j]}" >&2; done
+done
+stop
+for j in randread seqread randwrite; do
+    R[direct,local,$j]=$(fio_run "$j" --ioengine=io_uring --direct=1 --filename="$img")
+    echo "O_DIRECT local io_uring $j: ${R[direct,local,$j]}" >&2
+done
+for s in vdiskd qemu-nbd; do
+    start "$s" "$qimg" qcow2 none
+    for j in randread seqread randwrite; do R[qcow2,$s,$j]=$(nbd_run "$j"); echo "qcow2 $s $j: ${R[qcow2,$s,$j]}" >&2; done
+done
+stop
+
+val() { # KEY -> the figure that matters: IOPS for 4k jobs, MiB/s for seqread
+    local v=${R[$1]}
+    case $1 in *seqread) awk '{print $2}' <<<"$v" ;; *) awk '{print $1}' <<<"$v" ;; esac
+}
+cpu() { awk '{print ($3 == "" ? "-" : $3)}' <<<"${R[$1]}"; }
+ratio() { awk -v a="$(val "$1")" -v b="$(val "$2")" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+unit() { case $1 in seqread) echo "MiB/s" ;; *) echo "IOPS" ;; esac; }
+
+echo
+echo "fio --ioengine=nbd, one connection, ${RT}s per job, $(nproc) CPUs, $(uname -r)"
+echo
+echo "| setup | job | vdiskd | qemu-nbd | nbdkit / local | vdiskd/qemu-nbd | vdiskd/nbdkit or local |"
+echo "|---|---|---|---|---|---|---|"
+for j in randread randwrite seqread; do
+    echo "| buffered raw | $j ($(unit $j)) | $(val buf,vdiskd,$j) | $(val buf,qemu-nbd,$j) | $(val buf,nbdkit,$j) | $(ratio buf,vdiskd,$j buf,qemu-nbd,$j) | $(ratio buf,vdiskd,$j buf,nbdkit,$j) |"
+done
+for j in randread randwrite seqread; do
+    echo "| O_DIRECT raw | $j ($(unit $j)) | $(val direct,vdiskd,$j) | $(val direct,qemu-nbd,$j) | $(val direct,local,$j) | $(ratio direct,vdiskd,$j direct,qemu-nbd,$j) | $(ratio direct,vdiskd,$j direct,local,$j) |"
+done
+for j in randread randwrite seqread; do
+    echo "| qcow2 O_DIRECT | $j ($(unit $j)) | $(val qcow2,vdiskd,$j) | $(val qcow2,qemu-nbd,$j) | - | $(ratio qcow2,vdiskd,$j qcow2,qemu-nbd,$j) | - |"
+done
+echo
+echo "Server CPU time per request (µs; user+system of the server process, from /proc):"
+echo
+echo "| setup | job | vdiskd | qemu-nbd | nbdkit |"
+echo "|---|---|---|---|---|"
+for j in randread randwrite seqread; do
+    echo "| buffered raw | $j | $(cpu buf,vdiskd,$j) | $(cpu buf,qemu-nbd,$j) | $(cpu buf,nbdkit,$j) |"
+done
+for j in randread randwrite seqread; do
+    echo "| O_DIRECT raw | $j | $(cpu direct,vdiskd,$j) | $(cpu direct,qemu-nbd,$j) | - |"
+done
+for j in randread randwrite seqread; do
+    echo "| qcow2 O_DIRECT | $j | $(cpu qcow2,vdiskd,$j) | $(cpu qcow2,qemu-nbd,$j) | - |"
+done
+echo
+echo "load average during the run: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -1,0 +1,99 @@
+#!/usr/bin/env bash
+# RBD: 4 KiB random reads and writes at QD32 on one image of one throwaway
+# cluster (tests/rbd/cluster.sh), in one run, through
+#   vdiskd     (NBD export of rbd:POOL/IMAGE, fio --ioengine=nbd)
+#   qemu-nbd   (QEMU's own rbd driver, fio --ioengine=nbd)
+#   fio-rbd    (fio --ioengine=rbd: librbd in fio's process, the limit)
+# Prints IOPS and CPU seconds (client = fio, server = vdiskd / qemu-nbd, osd)
+# per case, and the ratios vdiskd / qemu-nbd and vdiskd / fio-rbd.
+#   RUNTIME=15  seconds per case     SIZE=1G  image size (prefilled)
+#   VDISKD=build/bin/vdiskd          RBD_CONF=… use a running cluster instead
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VDISKD=${VDISKD:-build/bin/vdiskd}
+RUNTIME=${RUNTIME:-15}
+SIZE=${SIZE:-1G}
+dir=$PWD/build/bench/rbd
+mkdir -p "$dir"
+[ -x "$VDISKD" ] || { echo "bench/rbd.sh: build first ($VDISKD missing)" >&2; exit 1; }
+
+pids=()
+cleanup() {
+    local p
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; wait "$p" 2>/dev/null || true; done
+    [ -z "${RBD_CONF:-}" ] && tests/rbd/cluster.sh stop "$dir/ceph" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+if [ -n "${RBD_CONF:-}" ]; then
+    conf=$RBD_CONF
+else
+    rm -rf "$dir/ceph"
+    conf=$(tests/rbd/cluster.sh start "$dir/ceph" rbd)
+fi
+osd=$(cat "$(dirname "$conf")/osd.pid" 2>/dev/null || echo)
+img=bench$$
+timeout 60 rbd -c "$conf" create "rbd/$img" --size "$SIZE"
+name="rbd:rbd/$img:conf=$conf"
+export CEPH_CONF=$conf
+
+# prefill, so that reads find data everywhere
+timeout 600 fio --name=fill --ioengine=rbd --pool=rbd --rbdname="$img" --clientname=admin \
+    --rw=write --bs=4M --iodepth=4 --size="$SIZE" > /dev/null
+
+ticks=$(getconf CLK_TCK)
+cpu_of() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
+
+# runfio RW ENGINE-ARGS... : prints "iops client_cpu_s"
+runfio() {
+    local rw=$1 out; shift
+    /usr/bin/time -o "$dir/time" -f '%U %S' \
+        fio --name=b --rw="$rw" --bs=4k --iodepth=32 --size="$SIZE" --time_based --runtime="$RUNTIME" \
+            --randrepeat=0 --norandommap --output-format=json "$@" > "$dir/fio.out" 2>/dev/null
+    out=$(sed -n '/^{/,$p' "$dir/fio.out")
+    printf '%s %s\n' "$(jq '.jobs[0] | (.read.iops + .write.iops) | floor' <<<"$out")" \
+        "$(awk '{ printf "%.2f", $1 + $2 }' "$dir/time")"
+}
+
+# case TOOL RW : one line of results; sets R_IOPS
+declare -A IOPS
+one() {
+    local tool=$1 rw=$2 srv= sock=$dir/nbd.sock s0 o0 res
+    rm -f "$sock"
+    case $tool in
+    vdiskd)
+        "$VDISKD" --nbd "unix:$sock" --log-level=warning --export "name=b,file=$name,format=raw" 2> "$dir/vdiskd.log" &
+        srv=$! ;;
+    qemu-nbd)
+        qemu-nbd -t -f raw --cache=writeback -x b -k "$sock" "$name" 2> "$dir/qemu-nbd.log" &
+        srv=$! ;;
+    esac
+    if [ -n "$srv" ]; then
+        pids+=("$srv")
+        for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+        [ -S "$sock" ] || { echo "$tool did not start" >&2; cat "$dir/$tool.log" >&2; exit 1; }
+    fi
+    s0=$(cpu_of "$srv"); o0=$(cpu_of "$osd")
+    if [ "$tool" = fio-rbd ]; then
+        res=$(runfio "$rw" --ioengine=rbd --pool=rbd --rbdname="$img" --clientname=admin)
+    else
+        res=$(runfio "$rw" --ioengine=nbd --uri="nbd+unix:///b?socket=$sock")
+    fi
+    local scpu ocpu
+    scpu=$(awk -v a="$(cpu_of "$srv")" -v b="$s0" -v t="$ticks" 'BEGIN { printf "%.2f", (a - b) / t }')
+    ocpu=$(awk -v a="$(cpu_of "$osd")" -v b="$o0" -v t="$ticks" 'BEGIN { printf "%.2f", (a - b) / t }')
+    if [ -n "$srv" ]; then kill "$srv"; wait "$srv" 2>/dev/null || true; fi
+    IOPS[$tool.$rw]=${res% *}
+    printf '%-10s %-10s %8d IOPS   cpu: client %6.2fs  server %6.2fs  osd %6.2fs   %5.1f us cpu/IO (client+server)\n' \
+        "$tool" "$rw" "${res% *}" "${res#* }" "$scpu" "$ocpu" \
+        "$(awk -v c="${res#* }" -v s="$scpu" -v i="${res% *}" -v t="$RUNTIME" 'BEGIN { print (i > 0 ? (c + s) * 1e6 / (i * t) : 0) }')"
+}
+
+echo "# bench/rbd.sh: 4 KiB QD32, ${RUNTIME}s per case, $SIZE image, $(nproc) CPUs, $(ceph-osd --version | awk '{print $3}') memstore OSD"
+for rw in randread randwrite; do
+    for tool in vdiskd qemu-nbd fio-rbd; do one "$tool" "$rw"; done
+done
+for rw in randread randwrite; do
+    awk -v v="${IOPS[vdiskd.$rw]}" -v q="${IOPS[qemu-nbd.$rw]}" -v f="${IOPS[fio-rbd.$rw]}" -v rw="$rw" \
+        'BEGIN { printf "%-10s vdiskd/qemu-nbd %.2fx (target >= 1.2)   vdiskd/fio-rbd %.2fx (target >= 0.8)\n", rw, v / q, v / f }'
+done
+timeout 60 rbd -c "$conf" rm "rbd/$img" > /dev/null 2>&1 || true
