@@ -527,7 +527,7 @@ static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *b
     struct vmdk *s = l->priv;
     struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
     if (!e || !e->sp || !e->sp->compressed)
-        return -ENOTSUP;
+        return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
     if (e->access != VMDK_RW)
         return vd_err(-EPERM, "%s: offset %llu lies in a read-only extent", lname(l),
                       (unsigned long long)off);
@@ -543,6 +543,59 @@ static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *b
 }
 
 static struct vmdk_scratch *scratch_of(struct vmdk *s);
+
+/* convert -c: compression off the layer lock (any thread), then linking
+ * under it. The blob is the bare zlib stream; the marker needs the offset. */
+static int vmdk_compress(struct vd_layer *l, const void *in, size_t len, void *out, size_t *outlen)
+{
+    struct vmdk *s = l->priv;
+    uint64_t gb = 0;
+    for (size_t i = 0; i < s->next && !gb; i++)
+        if (s->ext[i].sp && s->ext[i].sp->compressed)
+            gb = s->ext[i].sp->grain * VMDK_SECTOR;
+    if (!gb || len > gb)
+        return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
+    return vd_vmdk_deflate(in, len, gb, out, *outlen, outlen);
+}
+
+static int vmdk_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *z, size_t zlen)
+{
+    struct vmdk *s = l->priv;
+    struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
+    if (!e || !e->sp || !e->sp->compressed)
+        return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
+    if (e->access != VMDK_RW)
+        return vd_err(-EPERM, "%s: offset %llu lies in a read-only extent", lname(l),
+                      (unsigned long long)off);
+    struct vmdk_sparse *sp = e->sp;
+    const char *en = e->path ? e->path : lname(l);
+    uint64_t gb = sp->grain * VMDK_SECTOR, rel = off - e->start * VMDK_SECTOR, g = rel / gb;
+    if (rel % gb)
+        return vd_err(-EINVAL, "%s: compressed write at %llu is not grain-aligned", lname(l),
+                      (unsigned long long)off);
+    int r = touch_cid(l, s);
+    if (r < 0)
+        return r;
+    uint32_t gte;
+    r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
+    if (r < 0)
+        return r;
+    if (gte != 0)
+        return vd_err(-EPERM, "%s: streamOptimized VMDK is append-only: grain at offset %llu is "
+                      "already written (convert the image to change it)", lname(l),
+                      (unsigned long long)off);
+    r = vd_vmdk_stream_begin(en, e->file, sp);
+    if (r < 0)
+        return r;
+    uint8_t *blob;
+    size_t blen;
+    r = vd_vmdk_frame_grain(g * sp->grain, z, zlen, &blob, &blen);
+    if (r < 0)
+        return r;
+    r = vd_vmdk_stream_append(en, e->file, sp, g, blob, blen);
+    free(blob);
+    return r;
+}
 
 static int vmdk_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_alloc *a)
 {
@@ -836,6 +889,8 @@ const struct vd_format vd_format_vmdk = {
     .commit = vmdk_commit,
     .read_compressed = vmdk_read_compressed,
     .write_compressed = vmdk_write_compressed,
+    .compress = vmdk_compress,
+    .write_compressed_raw = vmdk_write_compressed_raw,
     .flush = vmdk_flush,
     .check = vmdk_check,
     .info = vmdk_info,
