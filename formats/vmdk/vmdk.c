@@ -825,6 +825,12 @@ static int vmdk_info(struct vd_layer *l, json_t *info)
                              "create-type", s->desc.create_type, "extents", ext);
     json_object_set_new(info, "format-specific", json_pack("{s:s, s:o}", "type", "vmdk", "data", data));
     json_object_set_new(info, "provisioning", json_string(provisioning(l, s)));
+    /* Disk size counts every extent file, as qemu-img's does. */
+    uint64_t alloc = vd_file_allocated_bytes(l->file);
+    for (size_t i = 0; i < s->next; i++)
+        if (s->ext[i].file && s->ext[i].file != l->file)
+            alloc += vd_file_allocated_bytes(s->ext[i].file);
+    json_object_set_new(info, "actual-size", json_integer((json_int_t)alloc));
     return 0;
 }
 
