@@ -41,6 +41,11 @@ case_run() {    # name, vdisk args, qemu-img args
         "$(awk -v a="$vcm" -v b="$qcm" 'BEGIN { print (b > 0 ? a / b : 0) }')"
 }
 
-echo "convert_raw: $(du -h --apparent-size "$src" | cut -f1) corpus ($(du -h "$src" | cut -f1) allocated), $RUNS runs, median"
-case_run "raw->raw sparse" "-f raw -O raw" "-f raw -O raw"
-case_run "raw->raw full (-S 0)" "-f raw -O raw -S 0" "-f raw -O raw -S 0"
+echo "convert_raw: $(du -h --apparent-size "$src" | cut -f1) corpus ($(du -h "$src" | cut -f1) allocated), $RUNS runs, median; load $(cut -d' ' -f1-3 /proc/loadavg)"
+# vdisk always flushes the target before it exits; qemu-img convert's
+# default target cache mode is unsafe (no flush at all), so each case is
+# also run against qemu-img -t writeback, which flushes like vdisk.
+case_run "sparse (-S 4k)" "-f raw -O raw" "-f raw -O raw"
+case_run "sparse, qemu -t wb" "-f raw -O raw" "-f raw -O raw -t writeback"
+case_run "full (-S 0)" "-f raw -O raw -S 0" "-f raw -O raw -S 0"
+case_run "full, qemu -t wb" "-f raw -O raw -S 0" "-f raw -O raw -S 0 -t writeback"

@@ -72,7 +72,7 @@ nbd_run() {
     out=$(fio_run "$1" --ioengine=nbd --uri="nbd+unix:///?socket=$sock")
     b=$(cpu_ticks "$srv")
     awk -v o="$out" -v d=$((b - a)) -v hz="$(getconf CLK_TCK)" -v rt="$RT" 'BEGIN {
-        split(o, f, " "); ops = f[1] * (rt + 1); printf "%s %s %.1f", f[1], f[2], ops > 0 ? d * 1e6 / hz / ops : 0 }'
+        split(o, f, " "); ops = f[1] * (rt + 1); printf "%s %s %.1f", f[1], f[2], (ops > 0 ? d * 1e6 / hz / ops : 0) }'
 }
 
 declare -A R

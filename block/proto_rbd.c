@@ -1,7 +1,9 @@
 /* The Ceph RBD protocol backend: images named
- *   rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:conf=PATH][:id=USER][:timeout=SECONDS][:KEY=VALUE…]
+ *   rbd:POOL/[NAMESPACE/]IMAGE[@SNAP][:conf=PATH][:id=USER][:timeout=SECONDS]
+ *       [:lock_timeout=SECONDS][:KEY=VALUE…]
  * as qemu-img spells them ('\' escapes ':', '/', '@' and '\' itself; every
- * KEY=VALUE other than conf, id and timeout is a Ceph option, rados_conf_set).
+ * KEY=VALUE other than conf, id, timeout and lock_timeout is a Ceph option,
+ * rados_conf_set).
  *
  * Data I/O is asynchronous through librbd's aio calls; the completion
  * callback (on a librbd thread) only records the result and posts the io
@@ -11,7 +13,8 @@
  * for as long as it is open, so two hosts never write one image at once.
  * Every cluster operation is bounded by a timeout (timeout=, or
  * VDISK_RBD_TIMEOUT, default 30 s): an unreachable cluster or a dead OSD
- * gives an error, never a hang. */
+ * gives an error, never a hang. Waiting for the lock of a crashed owner is
+ * bounded by lock_timeout= (default 45 s, the larger of that and timeout). */
 #include <errno.h>
 #include <inttypes.h>
 #include <limits.h>
@@ -20,6 +23,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <rados/librados.h>
 #include <rbd/librbd.h>
 
@@ -31,6 +35,7 @@
 #define RBD_PREFIX "rbd:"
 #define RBD_DEFAULT_TIMEOUT 30
 #define RBD_MAX_TIMEOUT 86400
+#define RBD_LOCK_WAIT 45
 /* Block status is computed for this much of the image at a time. */
 #define RBD_DIFF_WINDOW (1ULL << 30)
 
@@ -40,6 +45,7 @@ struct rbd_spec {
     char *pool, *ns, *image, *snap;
     char *conf, *id;
     unsigned timeout;               /* seconds */
+    unsigned lock_timeout;          /* seconds; 0: the default */
     struct rbd_opt *opts;
     size_t nopts;
 };
@@ -51,7 +57,7 @@ struct rbd_state {
     rados_ioctx_t ioctx;
     rbd_image_t image;
     char *label;                    /* the name as given, for messages */
-    unsigned timeout;
+    unsigned timeout, lock_timeout;
     bool readonly;
     _Atomic uint64_t size;          /* cached; only we resize while we hold the lock */
     pthread_mutex_t resize_lock;
@@ -166,8 +172,8 @@ static int spec_parse(const char *name, struct rbd_spec *s)
         if (!k || !v) { free(k); free(v); spec_free(s); return vd_err(-ENOMEM, "%s: out of memory", name); }
         if (!strcmp(k, "conf")) { free(s->conf); s->conf = v; free(k); }
         else if (!strcmp(k, "id")) { free(s->id); s->id = v; free(k); }
-        else if (!strcmp(k, "timeout")) {
-            int r = parse_timeout(v, &s->timeout, name);
+        else if (!strcmp(k, "timeout") || !strcmp(k, "lock_timeout")) {
+            int r = parse_timeout(v, k[0] == 't' ? &s->timeout : &s->lock_timeout, name);
             free(k); free(v);
             if (r < 0) { spec_free(s); return r; }
         } else {
@@ -280,27 +286,115 @@ static int open_error(struct rbd_state *st, const struct rbd_spec *s, int r)
     return vd_err(r, "%s: cannot open the image: %s", st->label, strerror(-r));
 }
 
+/* rbd_lock_acquire runs on a thread of its own so that the wait is bounded
+ * by our timeout: when the owner died without closing, librbd waits until
+ * the cluster drops the dead client's watch (osd_client_watch_timeout, 30 s
+ * by default) before it breaks the lock, whatever the op timeouts say. If
+ * we stop waiting, the thread owns the state and frees it when librbd
+ * returns. */
+struct lock_wait {
+    pthread_mutex_t m;
+    pthread_cond_t c;
+    bool done, abandoned;
+    int r;
+    struct rbd_state *st;
+};
+
+static void lock_wait_free(struct lock_wait *w)
+{
+    pthread_mutex_destroy(&w->m);
+    pthread_cond_destroy(&w->c);
+    free(w);
+}
+
+static void *lock_thread(void *arg)
+{
+    struct lock_wait *w = arg;
+    int r = rbd_lock_acquire(w->st->image, RBD_LOCK_MODE_EXCLUSIVE);
+    pthread_mutex_lock(&w->m);
+    w->r = r;
+    w->done = true;
+    bool abandoned = w->abandoned;
+    pthread_cond_signal(&w->c);
+    pthread_mutex_unlock(&w->m);
+    if (abandoned) {
+        state_free(w->st);     /* closing releases the lock if we got it late */
+        lock_wait_free(w);
+    }
+    return NULL;
+}
+
+/* 0, or -errno; *gave_up when the lock thread now owns st. */
+static int acquire_bounded(struct rbd_state *st, bool *gave_up)
+{
+    struct lock_wait *w = calloc(1, sizeof(*w));
+    if (!w) return -ENOMEM;
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_mutex_init(&w->m, NULL);
+    pthread_cond_init(&w->c, &ca);
+    pthread_condattr_destroy(&ca);
+    w->st = st;
+    pthread_t t;
+    pthread_attr_t ta;
+    pthread_attr_init(&ta);
+    pthread_attr_setdetachstate(&ta, PTHREAD_CREATE_DETACHED);
+    int r = -pthread_create(&t, &ta, lock_thread, w);
+    pthread_attr_destroy(&ta);
+    if (r < 0) { lock_wait_free(w); return r; }
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_sec += st->lock_timeout;
+    pthread_mutex_lock(&w->m);
+    while (!w->done && pthread_cond_timedwait(&w->c, &w->m, &dl) != ETIMEDOUT) {}
+    if (w->done) {
+        r = w->r;
+        pthread_mutex_unlock(&w->m);
+        lock_wait_free(w);
+        return r;
+    }
+    w->abandoned = true;
+    *gave_up = true;
+    pthread_mutex_unlock(&w->m);
+    return -ETIMEDOUT;
+}
+
+static void lock_owner(struct rbd_state *st, char *who, size_t len)
+{
+    char *owners[4];
+    size_t n = 4;
+    rbd_lock_mode_t mode;
+    snprintf(who, len, "another client");
+    if (rbd_lock_get_owners(st->image, &mode, owners, &n) == 0 && n > 0) {
+        snprintf(who, len, "%s", owners[0]);
+        rbd_lock_get_owners_cleanup(owners, n);
+    }
+}
+
 /* Take RBD's exclusive lock and keep it until close: librbd then refuses
- * other clients' requests to hand it over, so a second writer fails. */
-static int take_lock(struct rbd_state *st)
+ * other clients' requests to hand it over, so a second writer fails.
+ * *gave_up: st now belongs to the lock thread (see acquire_bounded). */
+static int take_lock(struct rbd_state *st, bool *gave_up)
 {
     uint64_t features = 0;
+    char who[256];
     int r = rbd_get_features(st->image, &features);
     if (r < 0) return vd_err(r, "%s: cannot read the image's features: %s", st->label, strerror(-r));
     if (!(features & RBD_FEATURE_EXCLUSIVE_LOCK))
         return vd_err(-EOPNOTSUPP, "%s: the image lacks the exclusive-lock feature, so writers on two hosts "
                       "could not be kept apart; enable it (rbd feature enable POOL/IMAGE exclusive-lock) "
                       "or open read-only", st->label);
-    r = rbd_lock_acquire(st->image, RBD_LOCK_MODE_EXCLUSIVE);
+    lock_owner(st, who, sizeof(who));   /* before: a lock thread we give up on closes the image */
+    r = acquire_bounded(st, gave_up);
     if (r == 0) return 0;
-    char *owners[4];
-    size_t n = 4;
-    rbd_lock_mode_t mode;
-    char who[256] = "another client";
-    if (rbd_lock_get_owners(st->image, &mode, owners, &n) == 0 && n > 0) {
-        snprintf(who, sizeof(who), "%s", owners[0]);
-        rbd_lock_get_owners_cleanup(owners, n);
-    }
+    if (*gave_up)
+        return vd_err(-ETIMEDOUT, "%s: the exclusive lock is held by %s, which did not answer within %u s "
+                      "(its host may have died: the cluster breaks a dead owner's lock once it drops that "
+                      "client's watch, osd_client_watch_timeout, 30 s by default; retry then, or wait "
+                      "longer with :lock_timeout=SECONDS)",
+                      st->label, who, st->lock_timeout);
+    lock_owner(st, who, sizeof(who));
     if (r == -EROFS || r == -EBUSY || r == -EAGAIN)
         return vd_err(-EBUSY, "%s: the image is open for writing elsewhere (exclusive lock held by %s)",
                       st->label, who);
@@ -320,6 +414,9 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     pthread_mutex_init(&st->resize_lock, NULL);
     pthread_mutex_init(&st->ext_lock, NULL);
     st->timeout = s.timeout;
+    /* A crashed owner's lock is broken only once the cluster drops its
+     * watch (30 s by default): wait a little longer than that unless told. */
+    st->lock_timeout = s.lock_timeout ? s.lock_timeout : (s.timeout > RBD_LOCK_WAIT ? s.timeout : RBD_LOCK_WAIT);
     st->readonly = (flags & VD_FILE_RDONLY) || s.snap;
     st->label = strdup(name);     /* messages name the image as the user gave it */
     if (!st->label) { r = vd_err(-ENOMEM, "%s: out of memory", name); goto fail; }
@@ -352,7 +449,13 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     else
         r = rbd_open(st->ioctx, s.image, &st->image, NULL);
     if (r < 0) { st->image = NULL; r = open_error(st, &s, r); goto fail; }
-    if (!st->readonly && !(flags & VD_FILE_NOLOCK) && (r = take_lock(st)) < 0) goto fail;
+    if (!st->readonly && !(flags & VD_FILE_NOLOCK)) {
+        bool gave_up = false;
+        if ((r = take_lock(st, &gave_up)) < 0) {
+            if (gave_up) st = NULL;     /* the lock thread frees it */
+            goto fail;
+        }
+    }
     uint64_t size;
     r = rbd_get_size(st->image, &size);
     if (r < 0) { r = vd_err(r, "%s: cannot read the image size: %s", st->label, strerror(-r)); goto fail; }

@@ -92,6 +92,7 @@ struct conn {
     bool rd_idle;               /* the last read found nothing: wait for EPOLLIN */
     bool dirty;                 /* on this thread's list of replies to push out */
     struct conn *dnext;
+    uint64_t hs_timer;          /* closes a connection stuck in the handshake */
     uint32_t ev_r, ev_w;        /* registered epoll masks (0 = not registered) */
     bool reg_r, reg_w;
     struct vd_export *exp;
@@ -943,6 +944,10 @@ static void enter_transmission(struct conn *c)
     c->s.meta_alloc = c->hs.meta_alloc;
     c->s.meta_depth = c->hs.meta_depth;
     c->phase = P_XMIT;
+    if (c->hs_timer) {
+        vd_loop_cancel_timer(c->loop, c->hs_timer);
+        c->hs_timer = 0;
+    }
     vd_log(VD_LOG_INFO, "%s: connected to export '%s'%s%s", c->peer, e->name,
            c->ssl ? " over TLS" : "", c->s.structured ? " (structured replies)" : "");
 }
@@ -1198,6 +1203,8 @@ static void update_events(struct conn *c)
 static void destroy(struct conn *c)
 {
     undirty(c);
+    if (c->hs_timer)
+        vd_loop_cancel_timer(c->loop, c->hs_timer);
     vd_loop_del_fd(c->loop, c->rfd);
     if (c->wfd != c->rfd)
         vd_loop_del_fd(c->loop, c->wfd);
@@ -1278,6 +1285,17 @@ static void set_nonblock(int fd)
         fcntl(fd, F_SETFL, fl | O_NONBLOCK);
 }
 
+static void hs_timeout(void *opaque)
+{
+    struct conn *c = opaque;
+    c->hs_timer = 0;
+    if (c->phase == P_XMIT)
+        return;
+    vd_log(VD_LOG_INFO, "%s: no export chosen within %u s, closing", c->peer, VD_NBD_HANDSHAKE_SECONDS);
+    c->dead = true;
+    progress(c);
+}
+
 void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
 {
     struct conn *c = calloc(1, sizeof *c);
@@ -1311,6 +1329,7 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
         c->dead = true;
     }
     vd_log(VD_LOG_DEBUG, "%s: new connection", c->peer);
+    c->hs_timer = vd_loop_timer(loop, VD_NBD_HANDSHAKE_SECONDS * 1000ull, hs_timeout, c);
     progress(c);
 }
 

@@ -20,6 +20,7 @@
 #define VD_NBD_MAX_INFLIGHT   128u                  /* requests read but not yet answered */
 #define VD_NBD_MAX_INFLIGHT_BYTES (64u * 1024 * 1024)
 #define VD_NBD_MAX_EXTENTS    2048u                 /* descriptors per block status reply */
+#define VD_NBD_HANDSHAKE_SECONDS 60u                /* to choose an export, else closed */
 
 enum vd_nbd_tls { VD_NBD_TLS_OFF, VD_NBD_TLS_ON, VD_NBD_TLS_REQUIRE };
 

@@ -13,6 +13,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
+#include <sys/time.h>
 #include <sys/un.h>
 #include "vdisk/error.h"
 #include "vmm-glue/vhost_blk_int.h"
@@ -103,13 +104,21 @@ static int queue_try_start(struct vd_vhost_blk *b, struct vhb_queue *q)
     return 0;
 }
 
+static int queue_try_start(struct vd_vhost_blk *b, struct vhb_queue *q);
+
 static void set_mem(struct vd_vhost_blk *b, struct vhu_mtab *t)
 {
     struct vhu_mtab *old = b->mt;
     b->mt = t;
     for (unsigned i = 0; i < b->o.num_queues; i++) {
         struct vhb_queue *q = &b->q[i];
-        if (!q->running) continue;
+        if (!q->running) {
+            /* a kick fd that came before any memory: start now */
+            int rc = q->kick_fd >= 0 ? queue_try_start(b, q) : 0;
+            if (rc < 0)
+                fprintf(stderr, "vdisk: vhost-user-blk %s: %s\n", b->path, vd_errmsg(rc));
+            continue;
+        }
         struct vhb_start s = { .mt = vhu_mtab_ref(t) };
         ring_ptrs(q, t, &s);
         vhb_queue_set_mem(q, &s);
@@ -404,6 +413,10 @@ static int handle_msg(struct vd_vhost_blk *b, struct vhu_msg *m, bool *reply, bo
         pthread_mutex_lock(&b->lock);
         if (b->backend_fd >= 0) close(b->backend_fd);
         b->backend_fd = take_fd(m, 0);
+        {
+            struct timeval tv = { 5, 0 };
+            setsockopt(b->backend_fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
+        }
         pthread_mutex_unlock(&b->lock);
         return 0;
     case VHU_GET_CONFIG:
@@ -483,6 +496,11 @@ static void *ctl_main(void *arg)
         if (p[1].revents) break;
         int fd = accept4(b->listen_fd, NULL, NULL, SOCK_CLOEXEC);
         if (fd < 0) continue;
+        /* A front-end that stops in the middle of a message must not hold
+         * the control thread (and so export removal) forever. */
+        struct timeval tv = { 10, 0 };
+        setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+        setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv));
         pthread_mutex_lock(&b->lock);
         b->conn_fd = fd;
         b->connected = true;

@@ -174,17 +174,24 @@ int vd_q2_create(const char *filename, const struct vd_create_opts *o)
     big = NULL;
     /* L2 tables (preallocation) and the L1 table */
     if (pre) {
+        big = malloc(cs);
+        if (!big) {
+            r = -ENOMEM;
+            goto out;
+        }
         for (uint64_t t = 0; t < n_l2; t++) {
-            memset(buf, 0, cs);
+            memset(big, 0, cs);
             for (uint64_t j = 0; j < s->l2_entries; j++) {
                 uint64_t g = t * s->l2_entries + j;
                 if (g >= n_data)
                     break;
-                q2_l2_set(s, buf, j, ((d_c + g) * cs) | Q2_COPIED, 0xffffffffu);
+                q2_l2_set(s, big, j, ((d_c + g) * cs) | Q2_COPIED, 0xffffffffu);
             }
-            if ((r = pwrite_or(s, buf, cs, (l2_c + t) * cs, "L2 table")) < 0)
+            if ((r = pwrite_or(s, big, cs, (l2_c + t) * cs, "L2 table")) < 0)
                 goto out;
         }
+        free(big);
+        big = NULL;
     }
     if (l1_size) {
         big = calloc(1, l1c * cs);

@@ -251,11 +251,17 @@ int vd_q2_rc_update(struct q2 *s, uint64_t c, int64_t delta)
     return 0;
 }
 
+/* A run of n free clusters if one starts within a short scan of the first
+ * free cluster (or anywhere, when exact), else the longest shorter run
+ * seen: a write then lands in one piece, so a crash cannot leave it torn
+ * at a cluster boundary inside it. */
+#define Q2_SCAN_LIMIT 4096
+
 int vd_q2_alloc(struct q2 *s, uint64_t n, bool exact, uint64_t *host, uint64_t *got)
 {
     int r;
 restart:;
-    uint64_t idx = s->free_hint, run = 0, rc, first_free = UINT64_MAX;
+    uint64_t idx = s->free_hint, rc, first_free = UINT64_MAX, best = 0, best_run = 0, scanned = 0;
     if (idx == 0)
         idx = 1;   /* the header */
     for (;;) {
@@ -263,11 +269,13 @@ restart:;
             return r;
         if (rc) {
             idx++;
+            if (best_run && !exact && ++scanned > Q2_SCAN_LIMIT)
+                break;
             continue;
         }
         if (first_free == UINT64_MAX)
             first_free = idx;
-        run = 1;
+        uint64_t run = 1;
         while (run < n) {
             if ((r = vd_q2_refcount(s, idx + run, &rc)) < 0)
                 return r;
@@ -275,12 +283,19 @@ restart:;
                 break;
             run++;
         }
-        if (exact && run < n) {
-            idx += run;
-            continue;
+        if (run > best_run) {
+            best = idx;
+            best_run = run;
         }
-        break;
+        if (run == n)
+            break;
+        idx += run;
+        scanned += run;
+        if (!exact && scanned > Q2_SCAN_LIMIT)
+            break;
     }
+    idx = best;
+    uint64_t run = best_run;
     if ((idx + run) * s->cs > (1ull << 56))
         return vd_err(-ENOSPC, "%s: no room for clusters below 64 PiB", s->fname);
     for (uint64_t bi = idx / s->rb_entries; bi <= (idx + run - 1) / s->rb_entries; bi++) {

@@ -55,11 +55,25 @@ for ((i = 1; i <= points; i++)); do
     delay=$(awk -v r=$RANDOM 'BEGIN { printf "%.3f", 0.05 + (r % 900) / 1000 }')
     "$CRASHIO" write -f "$fmt" -t "$cache" -s "$s" -b $maxb -k $every -q $q "$img" "$journal" 2> "$T/writer.log" &
     pid=$!
+    # the delay counts from the writer's start (its journal header), not
+    # from the exec: start-up under a sanitizer or load varies a lot
+    for ((w = 0; w < 200; w++)); do
+        [ -s "$journal" ] || ! kill -0 $pid 2>/dev/null && break
+        sleep 0.05
+    done
     sleep "$delay"
     kill -9 $pid 2>/dev/null
-    wait $pid 2>/dev/null
+    wait $pid 2>/dev/null; wrc=$?
+    # A killed process's io_uring is torn down by the kernel after it is
+    # reaped; until then the image lock may still look held: wait for it.
+    for ((w = 0; w < 100; w++)); do
+        "$VDISK" info -f "$fmt" "$img" > /dev/null 2>&1 && break
+        sleep 0.05
+    done
     why=""
-    if grep -qE 'AddressSanitizer|runtime error|crashio: .*failed' "$T/writer.log"; then
+    if [ $wrc -ne 137 ] && [ $wrc -ne 0 ]; then
+        why="writer exited with status $wrc before the kill: $(head -3 "$T/writer.log" | tr '\n' ' ')"
+    elif grep -qE 'AddressSanitizer|runtime error|crashio: .*failed' "$T/writer.log"; then
         why="writer: $(head -3 "$T/writer.log" | tr '\n' ' ')"
     fi
     if [ -z "$why" ]; then

@@ -1,7 +1,9 @@
 /* Runs inside the test VM (static, as part of the initramfs) against the
  * vhost-user-blk disk, and on the host to describe what the disk must hold
  * afterwards.
- *   guest_io DEV SERIAL        in the guest: prints GUEST-OK or GUEST-FAIL
+ *   guest_io DEV SERIAL [PASSES]   in the guest: prints GUEST-OK or GUEST-FAIL
+ *                                  (PASSES: how often the writers repeat their
+ *                                  write/flush/verify pass, default 1)
  *   guest_io --expect FILE     on the host: writes the expected image
  * In the guest, two processes pinned to the two CPUs (so both virtqueues
  * carry requests) write a pattern with O_DIRECT over [0, 48M), flush
@@ -76,6 +78,8 @@ static int verify_range(int fd, uint64_t off, uint64_t len, uint64_t bs, bool ze
     return 0;
 }
 
+static int passes = 1;
+
 static int half(const char *dev, int cpu)
 {
     cpu_set_t set;
@@ -85,9 +89,12 @@ static int half(const char *dev, int cpu)
     int fd = open(dev, O_RDWR | O_DIRECT);
     if (fd < 0) { FAIL("open %s: %s", dev, strerror(errno)); return 1; }
     uint64_t off = cpu * 24 * MiB;
-    if (write_range(fd, off, 24 * MiB, cpu ? 256 * 1024 : 64 * 1024) < 0) return 1;
-    if (fsync(fd) < 0) { FAIL("fsync: %s", strerror(errno)); return 1; }
-    if (verify_range(fd, off, 24 * MiB, 128 * 1024, false) < 0) return 1;
+    for (int p = 1; p <= passes; p++) {
+        if (write_range(fd, off, 24 * MiB, cpu ? 256 * 1024 : 64 * 1024) < 0) return 1;
+        if (fsync(fd) < 0) { FAIL("fsync: %s", strerror(errno)); return 1; }
+        if (verify_range(fd, off, 24 * MiB, 128 * 1024, false) < 0) return 1;
+        if (passes > 1) { printf("PASS %d cpu %d\n", p, cpu); fflush(stdout); }
+    }
     close(fd);
     return fails ? 1 : 0;
 }
@@ -143,7 +150,8 @@ static int expect(const char *file)
 int main(int argc, char **argv)
 {
     if (argc == 3 && !strcmp(argv[1], "--expect")) return expect(argv[2]);
-    if (argc == 3) return guest(argv[1], argv[2]);
-    fprintf(stderr, "usage: guest_io DEV SERIAL | guest_io --expect FILE\n");
+    if (argc == 4) passes = atoi(argv[3]) > 0 ? atoi(argv[3]) : 1;
+    if (argc == 3 || argc == 4) return guest(argv[1], argv[2]);
+    fprintf(stderr, "usage: guest_io DEV SERIAL [PASSES] | guest_io --expect FILE\n");
     return 2;
 }

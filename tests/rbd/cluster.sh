@@ -103,6 +103,8 @@ osd min pg log entries = 100
 osd max pg log entries = 200
 osd pg log trim min = 50
 osd heartbeat grace = 60
+# a crashed client's watch (and so its exclusive lock) goes after 10 s, not 30
+osd client watch timeout = ${RBD_WATCH_TIMEOUT:-10}
 osd op num shards = 1
 osd op num threads per shard = 2
 osd journal size = 64

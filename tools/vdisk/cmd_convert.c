@@ -46,7 +46,11 @@ struct cjob {                   /* one compressed cluster */
     uint64_t off;               /* target offset */
     uint8_t *data;
     size_t len;
-    int res;
+    uint8_t *out;               /* compress(): blob, capacity one cluster */
+    size_t outlen;
+    bool plain;                 /* does not compress: an ordinary write */
+    struct vd_req req;
+    struct iovec iov;
 };
 
 struct chunk {
@@ -56,6 +60,7 @@ struct chunk {
     int si;                     /* source index */
     enum ckind kind;
     uint8_t *buf;
+    uint8_t *cbuf;              /* -c: compressed blobs, a cluster's room each */
     struct iovec riov;
     struct vd_req rreq;
     struct vd_req *wreq;        /* planned writes */
@@ -105,6 +110,7 @@ struct conv {
      * has little left to do */
     uint64_t unflushed;
     bool flushing;
+    uint64_t early_flush;       /* bytes between early flushes, 0: none */
     struct vd_req flush_req;
 };
 
@@ -279,7 +285,7 @@ static void finish(struct chunk *ch)
         vd_cli_progress(&cv->pr, (double)cv->done_bytes * 100.0 / (double)cv->total);
     for (int i = 0; i < ch->nw; i++)
         cv->unflushed += ch->wreq[i].len;
-    if (cv->unflushed >= EARLY_FLUSH && !cv->flushing && !cv->err && cv->next_off < cv->total) {
+    if (cv->early_flush && cv->unflushed >= cv->early_flush && !cv->flushing && !cv->err && cv->next_off < cv->total) {
         cv->flushing = flush = true;
         cv->unflushed = 0;
     }
@@ -402,21 +408,55 @@ static void compress_run(void *opaque)
     struct cjob *j = opaque;
     struct conv *cv = j->ch->w->cv;
     struct vd_layer *l = cv->dst_top;
-    /* The driver's tables are guarded by the layer lock; the driver itself
-     * is free to compress before it takes what it needs. */
+    const struct vd_format *f = l->fmt;
+    int r;
     vd_err_clear();
-    pthread_mutex_lock(&l->lock);
-    j->res = l->fmt->write_compressed(l, j->off, j->data, j->len);
-    pthread_mutex_unlock(&l->lock);
-    if (j->res < 0)
-        set_error(cv, j->res, "%s: error while compressing a cluster at offset %" PRIu64 ": %s", cv->dst_name,
-                  j->off, vd_errmsg(j->res));
+    if (f->compress && f->write_compressed_raw) {
+        /* Compress without the layer lock (in parallel on the worker
+         * pool); only linking the blob into the tables takes it. */
+        j->outlen = cv->cluster;
+        r = f->compress(l, j->data, j->len, j->out, &j->outlen);
+        if (r == -ENOSPC) {
+            j->plain = true;        /* written as ordinary data in compress_done */
+            return;
+        }
+        if (r == 0) {
+            pthread_mutex_lock(&l->lock);
+            r = f->write_compressed_raw(l, j->off, j->out, j->outlen);
+            pthread_mutex_unlock(&l->lock);
+        }
+    } else {
+        pthread_mutex_lock(&l->lock);
+        r = f->write_compressed(l, j->off, j->data, j->len);
+        pthread_mutex_unlock(&l->lock);
+    }
+    if (r < 0)
+        set_error(cv, r, "%s: error while compressing a cluster at offset %" PRIu64 ": %s", cv->dst_name, j->off,
+                  vd_errmsg(r));
+}
+
+static void plain_done(struct vd_req *r, int res)
+{
+    struct cjob *j = r->opaque;
+    struct chunk *ch = j->ch;
+    if (res < 0)
+        set_error(ch->w->cv, res, "%s: error while writing at offset %" PRIu64 ": %s", ch->w->cv->dst_name, r->off,
+                  strerror(-res));
+    if (--ch->pending == 0)
+        finish(ch);
 }
 
 static void compress_done(void *opaque)
 {
     struct cjob *j = opaque;
     struct chunk *ch = j->ch;
+    if (j->plain && !ch->w->cv->err) {
+        j->iov = (struct iovec){ j->data, j->len };
+        j->req = (struct vd_req){ .op = VD_OP_WRITE, .off = j->off, .len = j->len, .iov = &j->iov, .iovcnt = 1,
+                                  .done = plain_done, .opaque = j };
+        vd_disk_submit(ch->w->cv->dst, &j->req);
+        return;
+    }
     if (--ch->pending == 0)
         finish(ch);
 }
@@ -486,7 +526,8 @@ static int plan_compressed(struct chunk *ch)
             ch->cjobs = j;
             ch->cjcap = cap;
         }
-        ch->cjobs[ch->ncj++] = (struct cjob){ .ch = ch, .off = ch->off + o, .data = ch->buf + o, .len = n };
+        ch->cjobs[ch->ncj++] = (struct cjob){ .ch = ch, .off = ch->off + o, .data = ch->buf + o, .len = n,
+                                              .out = ch->cbuf + o };
     }
     return 0;
 }
@@ -836,6 +877,10 @@ static int run(int argc, char **argv)
     cv.in_order = !ooo;
     cv.progress = progress;
     cv.chunk = CHUNK_SIZE;
+    cv.early_flush = EARLY_FLUSH;
+    const char *ef = getenv("VDISK_CONVERT_FLUSH_MB");     /* tuning knob for benchmarks */
+    if (ef)
+        cv.early_flush = strtoull(ef, NULL, 10) << 20;
     if (compress) {
         uint32_t cl = cv.dst_top->cluster_size ? cv.dst_top->cluster_size : cv.dst_top->alloc_unit;
         if (!cv.dst_top->fmt->write_compressed || !cl) {
@@ -878,7 +923,9 @@ static int run(int argc, char **argv)
         for (int j = 0; j < w->nslots; j++) {
             w->slots[j].w = w;
             w->slots[j].buf = vd_alloc_aligned(cv.chunk);
-            if (!w->slots[j].buf) {
+            if (compress)
+                w->slots[j].cbuf = malloc(cv.chunk);
+            if (!w->slots[j].buf || (compress && !w->slots[j].cbuf)) {
                 vd_cli_err("out of memory");
                 goto out;
             }
@@ -917,6 +964,7 @@ out:
         for (int i = 0; i < nthreads; i++) {
             for (int j = 0; ws[i].slots && j < ws[i].nslots; j++) {
                 free(ws[i].slots[j].buf);
+                free(ws[i].slots[j].cbuf);
                 free(ws[i].slots[j].wreq);
                 free(ws[i].slots[j].wiov);
                 free(ws[i].slots[j].cjobs);

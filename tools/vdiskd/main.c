@@ -277,6 +277,10 @@ int main(int argc, char **argv)
 
     vd_log_setup(use_syslog, level, "vdiskd");
     signal(SIGPIPE, SIG_IGN);
+    /* A shell starts background jobs with SIGINT ignored; ignored signals
+     * never reach a signalfd, so take them back. */
+    signal(SIGINT, SIG_DFL);
+    signal(SIGTERM, SIG_DFL);
     sigset_t sigs;
     sigemptyset(&sigs);
     sigaddset(&sigs, SIGINT);
@@ -359,10 +363,8 @@ int main(int argc, char **argv)
 
     vd_loop_run(main_loop);
 
-    /* Shutdown: a second signal now ends the process at once. */
-    signal(SIGINT, SIG_DFL);
-    signal(SIGTERM, SIG_DFL);
-    pthread_sigmask(SIG_UNBLOCK, &sigs, NULL);
+    /* Shutdown. Further SIGINT/SIGTERM stay blocked: a Ctrl-C that reaches
+     * both a wrapper script and vdiskd must not cut the drain short. */
     vd_loop_del_fd(main_loop, sfd);
     close(sfd);
     vdd_listen_close(main_loop, ls, nls);

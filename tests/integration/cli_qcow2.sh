@@ -1,0 +1,94 @@
+#!/usr/bin/env bash
+# The vdisk commands on qcow2 images made by qemu-img and qemu-io (and the
+# other way round): info, map, check, convert (-c, -B), rebase, compare.
+source "$(dirname "$0")/../lib.sh"
+if ! "$VDISK" --help | grep -q '^Supported formats:.* qcow2'; then
+    ok "# SKIP qcow2 is not built in"; exit 0
+fi
+cd "$T"
+
+# base.raw <- top.qcow2, data in both
+rand_file base.raw 8 base
+fallocate -p -o 2M -l 4M base.raw
+qemu-img create -q -f qcow2 -b base.raw -F raw top.qcow2 8M
+qemu-io -f qcow2 -c "write -P 0x11 0 64k" -c "write -P 0x22 3M 192k" -c "write -z 5M 64k" -c "write -P 0x33 7M 1M" \
+    top.qcow2 > /dev/null
+
+# info equals qemu-img's (but for actual-size), JSON and human, with the chain
+nojs() { jq -S 'if type == "array" then map(del(."actual-size")) else del(."actual-size") end'; }
+a=$("$VDISK" info --output=json top.qcow2 | nojs); b=$(qemu-img info --output=json top.qcow2 | nojs)
+[ "$a" = "$b" ] && ok "info --output=json" || fail "info --output=json" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
+a=$("$VDISK" info --backing-chain --output=json top.qcow2 | nojs); b=$(qemu-img info --backing-chain --output=json top.qcow2 | nojs)
+[ "$a" = "$b" ] && ok "info --backing-chain --output=json" || fail "info --backing-chain --output=json" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
+a=$("$VDISK" info top.qcow2 | grep -v '^disk size:'); b=$(qemu-img info top.qcow2 | grep -v '^disk size:')
+[ "$a" = "$b" ] && ok "info human" || fail "info human" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
+a=$("$VDISK" info "$T/top.qcow2" | grep '^backing file:'); b=$(qemu-img info "$T/top.qcow2" | grep '^backing file:')
+[ "$a" = "$b" ] && ok "info: backing file's actual path" || fail "info: backing file's actual path" "$a vs $b"
+
+# map equals qemu-img's, text for text
+for args in "--output=json" "--output=human" "--output=json -s 1000000 -l 3000000"; do
+    a=$("$VDISK" map $args top.qcow2); b=$(qemu-img map $args top.qcow2)
+    [ "$a" = "$b" ] && ok "map $args" || fail "map $args" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
+done
+
+# check: clean image, same JSON
+a=$("$VDISK" check --output=json top.qcow2); rc=$?
+b=$(qemu-img check --output=json top.qcow2)
+[ $rc -eq 0 ] && [ "$(jq -S . <<<"$a")" = "$(jq -S . <<<"$b")" ] && ok "check --output=json" || fail "check --output=json" "rc $rc: $a"
+
+# compare across formats, and with a difference
+qemu-img convert -f qcow2 -O raw top.qcow2 flat.raw
+both_compare() { "$VDISK" compare "$@" > /dev/null 2>&1; echo $?; }
+[ "$(both_compare top.qcow2 -F raw flat.raw)" = 0 ] && ok "compare qcow2 with its raw copy" || fail "compare qcow2 with its raw copy"
+qemu-io -f qcow2 -c "write -P 0x44 6M 4k" top.qcow2 > /dev/null
+a=$("$VDISK" compare -F raw top.qcow2 flat.raw); rc=$?; b=$(qemu-img compare -F raw top.qcow2 flat.raw)
+[ $rc -eq 1 ] && [ "$a" = "$b" ] && ok "compare finds the difference as qemu-img" || fail "compare finds the difference as qemu-img" "$a / $b"
+qemu-img convert -f qcow2 -O raw top.qcow2 flat.raw
+
+# convert: qcow2 chain -> raw, raw -> qcow2 (plain and compressed)
+check "convert qcow2 chain -> raw" "$VDISK" convert -O raw top.qcow2 v.raw
+check "  content equals qemu-img's" cmp v.raw flat.raw
+check "convert raw -> qcow2" "$VDISK" convert -f raw -O qcow2 flat.raw v.qcow2
+check "  qemu-img compare" qemu-img compare -f raw flat.raw v.qcow2
+check "  qemu-img check" qemu-img check v.qcow2
+a=$("$VDISK" map --output=json v.qcow2 | jq -c '[.[] | select(.data)] | map(.length) | add')
+b=$(qemu-img convert -f raw -O qcow2 flat.raw q.qcow2 && qemu-img map --output=json q.qcow2 | jq -c '[.[] | select(.data)] | map(.length) | add')
+[ "$a" = "$b" ] && ok "  as much data as qemu-img's copy ($a bytes)" || fail "  as much data as qemu-img's copy" "$a vs $b"
+check "convert -c raw -> qcow2" "$VDISK" convert -c -f raw -O qcow2 flat.raw c.qcow2
+check "  qemu-img compare" qemu-img compare -f raw flat.raw c.qcow2
+check "  qemu-img check" qemu-img check c.qcow2
+n=$(qemu-img check --output=json c.qcow2 | jq '."compressed-clusters" // 0')
+[ "$n" -gt 0 ] && ok "  clusters are compressed ($n)" || fail "  clusters are compressed" "$n"
+check "convert -c -W -m 16" "$VDISK" convert -c -W -m 16 -f raw -O qcow2 flat.raw c2.qcow2
+check "  qemu-img compare" qemu-img compare -f raw flat.raw c2.qcow2
+
+# convert -B: only what the source's top holds is copied
+check "convert -B" "$VDISK" convert -O qcow2 -B base.raw -F raw top.qcow2 b.qcow2
+check "  content equals the chain" qemu-img compare -F raw b.qcow2 flat.raw
+a=$(qemu-img info --output=json b.qcow2 | jq -r '."backing-filename"')
+[ "$a" = base.raw ] && ok "  backing file recorded" || fail "  backing file recorded" "$a"
+a=$(qemu-img map --output=json b.qcow2 | jq '[.[] | select(.depth == 0 and .data)] | map(.length) | add')
+[ "$a" -le $((2 << 20)) ] && ok "  only the top's data copied ($a bytes)" || fail "  only the top's data copied" "$a"
+
+# rebase: unsafe (header only), safe (content kept)
+cp base.raw base2.raw
+check "rebase -u" "$VDISK" rebase -u -b base2.raw -F raw top.qcow2
+a=$(qemu-img info --output=json top.qcow2 | jq -r '."backing-filename" + " " + ."backing-filename-format"')
+[ "$a" = "base2.raw raw" ] && ok "  qemu-img sees the new backing file" || fail "  qemu-img sees the new backing file" "$a"
+check "  content unchanged" qemu-img compare -F raw top.qcow2 flat.raw
+rand_file other.raw 8 other
+check "rebase (safe) onto another base" "$VDISK" rebase -b other.raw -F raw top.qcow2
+check "  content unchanged" qemu-img compare -F raw top.qcow2 flat.raw
+check "  qemu-img check" qemu-img check top.qcow2
+check "rebase (safe) to no backing file" "$VDISK" rebase -b "" top.qcow2
+check "  content unchanged" qemu-img compare -F raw top.qcow2 flat.raw
+a=$(qemu-img info --output=json top.qcow2 | jq -r '."backing-filename" // "none"')
+[ "$a" = none ] && ok "  no backing file left" || fail "  no backing file left" "$a"
+check_fails "rebase -u onto raw without -F" "$VDISK" rebase -u -b base.raw v.qcow2
+
+# create with a backing file: size from the backing file
+check "create -b (size from the backing file)" "$VDISK" create -q -f qcow2 -b base.raw -F raw new.qcow2
+a=$(qemu-img info --output=json new.qcow2 | jq '."virtual-size"')
+[ "$a" = $((8 << 20)) ] && ok "  virtual size from the backing file" || fail "  virtual size from the backing file" "$a"
+check_fails "create -b missing file" "$VDISK" create -f qcow2 -b nonexistent.raw -F raw new2.qcow2
+check "create -u -b missing file with a size" "$VDISK" create -q -f qcow2 -u -b nonexistent.raw -F raw new3.qcow2 1M
