@@ -154,3 +154,12 @@ check "qemu-img reads the COWD extent the same" bash -c "qemu-img convert -O raw
 check_fails "writing a COWD extent is refused" "$VDISK" io -c "write -P 1 64k 4k" "$T/esx.vmdk"
 python3 -c "import sys; f=open(sys.argv[1],'r+b'); f.seek(24); f.write(b'\x00\x00\x00\x00')" "$T/esx-delta.vmdk"
 bad "COWD directory with no entries" "$T/esx.vmdk" "COWD directory"
+
+# vdisk check: overlapping blocks are corruption (exit 2)
+"$VDISK" create -q -f vhd "$T/ov.vhd" 8M
+"$VDISK" io -c "write -P 1 0 4k" "$T/ov.vhd" >/dev/null
+obat=$(od -An -tu8 --endian=big -j$((512 + 16)) -N8 "$T/ov.vhd" | tr -d ' ')
+patch "$T/ov.vhd" $((obat + 4)) "$(od -An -tx1 -j"$obat" -N4 "$T/ov.vhd" | tr -d ' ')"
+"$VDISK" check "$T/ov.vhd" > "$T/ov.out" 2>&1; rc=$?
+[ $rc = 2 ] && grep -q "overlap" "$T/ov.out" && ok "vhd check: overlapping BAT entries are corruption" || fail "vhd check overlap" "rc $rc"
+check "vmdk check of a good image" "$VDISK" check "$T/good.vmdk"
