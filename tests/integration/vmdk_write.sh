@@ -118,7 +118,7 @@ for sub in fixed dynamic; do
     check "write vhd $sub" "$VDISK" io "${W[@]}" "$img"
     check "vdisk reads vhd $sub back" "$VDISK" compare -q "$img" -F raw "$T/shadow.raw"
     check "qemu-img reads vhd $sub identically" qemu-img compare -q -f vpc "$img" -F raw "$T/shadow.raw"
-    check "qemu-img check vhd $sub" bash -c "qemu-img check -f vpc '$img' 2>&1 | grep -qv -i corrupt"
+    check "vdisk check vhd $sub (qemu-img has no check for vpc)" "$VDISK" check -q "$img"
     check "vhdiinfo parses vhd $sub" bash -c "vhdiinfo '$img' | grep -qi 'Disk type.*$sub'"
     mounted_equal vhdimount "$img" "vhdimount serves vhd $sub identically"
 done
