@@ -9,10 +9,14 @@ static __thread int have_msg;
 
 int vd_err(int err, const char *fmt, ...)
 {
+    /* Format aside first: callers pass vd_errmsg() (this very buffer) as an
+     * argument to wrap the previous message. */
+    char tmp[sizeof(msg)];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(msg, sizeof(msg), fmt, ap);
+    vsnprintf(tmp, sizeof(tmp), fmt, ap);
     va_end(ap);
+    memcpy(msg, tmp, sizeof(msg));
     have_msg = 1;
     return err;
 }

@@ -9,6 +9,7 @@
 #include <string.h>
 #include <sys/ioctl.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 #include "vdisk/error.h"
 #include "vdisk/file.h"
@@ -147,8 +148,17 @@ static int posix_lock(struct vd_file *f, bool write)
         .l_start = LOCK_BYTE,
         .l_len = 1,
     };
-    if (fcntl(f->fd, F_OFD_SETLK, &fl) == 0)
-        return 0;
+    /* A process killed with I/O in flight on io_uring keeps its files (and
+     * so its locks) until the kernel tears the ring down, a moment after it
+     * is reaped: wait up to a second before calling the image busy. */
+    for (int tries = 0; tries < 100; tries++) {
+        if (fcntl(f->fd, F_OFD_SETLK, &fl) == 0)
+            return 0;
+        if (errno != EAGAIN && errno != EACCES)
+            break;
+        struct timespec ts = { 0, 10 * 1000 * 1000 };
+        nanosleep(&ts, NULL);
+    }
     if (errno == EAGAIN || errno == EACCES)
         return vd_err(-EBUSY, "%s: image is in use by another process (%s lock held); "
                       "close it there first", f->name, write ? "a" : "a write");

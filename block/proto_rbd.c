@@ -36,6 +36,11 @@
 #define RBD_DEFAULT_TIMEOUT 30
 #define RBD_MAX_TIMEOUT 86400
 #define RBD_LOCK_WAIT 45
+/* Growth ahead of writes past the end: an eighth of the image, 64 MiB to
+ * 1 GiB, in whole 4 MiB objects. */
+#define RBD_GROW_MIN (64ULL << 20)
+#define RBD_GROW_MAX (1ULL << 30)
+#define RBD_GROW_ALIGN (4ULL << 20)
 /* Block status is computed for this much of the image at a time. */
 #define RBD_DIFF_WINDOW (1ULL << 30)
 
@@ -59,7 +64,12 @@ struct rbd_state {
     char *label;                    /* the name as given, for messages */
     unsigned timeout, lock_timeout;
     bool readonly;
-    _Atomic uint64_t size;          /* cached; only we resize while we hold the lock */
+    /* The size the image has for its users (as a file's size). Writes past
+     * it grow the RBD image ahead in steps (psize), because a resize is a
+     * cluster round trip and qcow2 appends cluster by cluster; close trims
+     * the image back to size. Only we resize while we hold the lock. */
+    _Atomic uint64_t size;
+    uint64_t psize;                 /* the RBD image's size; under resize_lock */
     pthread_mutex_t resize_lock;
     /* Bumped at the start and end of every change of content, so a block
      * status answer computed while a write was in flight is not reused. */
@@ -460,6 +470,7 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     r = rbd_get_size(st->image, &size);
     if (r < 0) { r = vd_err(r, "%s: cannot read the image size: %s", st->label, strerror(-r)); goto fail; }
     atomic_store(&st->size, size);
+    st->psize = size;
 
     spec_free(&s);
     f->priv = st;
@@ -478,6 +489,10 @@ static void rbd_close_(struct vd_file *f)
 {
     struct rbd_state *st = f->priv;
     if (!st) return;
+    /* Give back what was grown ahead of the writes (a crash leaves it: it
+     * reads as zeros past the old end). */
+    uint64_t size = atomic_load(&st->size);
+    if (!st->readonly && st->psize > size) rbd_resize(st->image, size);
     /* rbd_close flushes librbd's cache and releases the exclusive lock. */
     state_free(st);
     f->priv = NULL;
@@ -494,11 +509,16 @@ static int grow_to(struct rbd_state *st, uint64_t end)
     int r = 0;
     if (end <= atomic_load(&st->size)) return 0;
     pthread_mutex_lock(&st->resize_lock);
-    if (end > atomic_load(&st->size)) {
-        r = rbd_resize(st->image, end);
-        if (r < 0) r = vd_err(r, "%s: cannot grow the image to %" PRIu64 " bytes: %s", st->label, end, strerror(-r));
-        else { atomic_store(&st->size, end); bump(st); }
+    if (end > st->psize) {
+        uint64_t step = st->psize / 8;
+        step = step < RBD_GROW_MIN ? RBD_GROW_MIN : step > RBD_GROW_MAX ? RBD_GROW_MAX : step;
+        uint64_t want = end > st->psize + step ? end : st->psize + step;
+        want = (want + RBD_GROW_ALIGN - 1) / RBD_GROW_ALIGN * RBD_GROW_ALIGN;
+        if (rbd_resize(st->image, want) == 0) st->psize = want;
+        else if ((r = rbd_resize(st->image, end)) == 0) st->psize = end;
+        else r = vd_err(r, "%s: cannot grow the image to %" PRIu64 " bytes: %s", st->label, end, strerror(-r));
     }
+    if (r == 0 && end > atomic_load(&st->size)) { atomic_store(&st->size, end); bump(st); }
     pthread_mutex_unlock(&st->resize_lock);
     return r;
 }
@@ -568,6 +588,10 @@ static int rbd_sync_(struct vd_file *f)
 static int rbd_size_(struct vd_file *f, uint64_t *size)
 {
     struct rbd_state *st = f->priv;
+    if (!st->readonly) {            /* we hold the lock: nobody else resizes */
+        *size = atomic_load(&st->size);
+        return 0;
+    }
     uint64_t s;
     int r = rbd_get_size(st->image, &s);
     if (r < 0) return vd_err(r, "%s: cannot read the size: %s", st->label, strerror(-r));
@@ -585,7 +609,7 @@ static int rbd_truncate_(struct vd_file *f, uint64_t size)
     bump(st);
     r = rbd_resize(st->image, size);
     if (r < 0) r = vd_err(r, "%s: cannot resize to %" PRIu64 " bytes: %s", st->label, size, strerror(-r));
-    else atomic_store(&st->size, size);
+    else { atomic_store(&st->size, size); st->psize = size; }
     bump(st);
     pthread_mutex_unlock(&st->resize_lock);
     return r;

@@ -563,7 +563,7 @@ static int reply_read_structured(struct conn *c, struct nreq *q)
     }
     int n = 0;
     size_t olen = 0;
-    uint8_t *h = q->ohdr, *last = NULL;
+    uint8_t *h = q->ohdr, *last = h;     /* len > HOLE_UNIT here: the loop runs */
     uint32_t pos = 0;
     while (pos < len) {
         uint32_t b = len - pos < HOLE_UNIT ? len - pos : HOLE_UNIT;

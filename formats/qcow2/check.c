@@ -48,8 +48,8 @@ static int read_tbl(struct ck *k, uint64_t off)
 static int walk_l1(struct ck *k, const uint64_t *l1, uint32_t l1_size, bool active)
 {
     struct q2 *s = k->s;
-    uint64_t next_contig = 0;
     for (uint32_t i = 0; i < l1_size; i++) {
+        uint64_t next_contig = 0;   /* fragmentation is counted within each L2 table, as QEMU */
         uint64_t e = l1[i], off = e & Q2_OFF_MASK;
         if (!off)
             continue;

@@ -230,6 +230,8 @@ static int comp_alloc(struct q2 *s, uint64_t n, uint64_t *host)
                     return r;
             if ((c / cs + k + 1) * cs > s->host_end)
                 s->host_end = (c / cs + k + 1) * cs;
+            if (s->free_hint >= c / cs && s->free_hint <= c / cs + k)
+                s->free_hint = c / cs + k + 1;
             *host = c;
             s->comp_cursor = (c + n) & (cs - 1) ? c + n : 0;
             return 0;

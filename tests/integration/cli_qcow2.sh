@@ -92,3 +92,51 @@ a=$(qemu-img info --output=json new.qcow2 | jq '."virtual-size"')
 [ "$a" = $((8 << 20)) ] && ok "  virtual size from the backing file" || fail "  virtual size from the backing file" "$a"
 check_fails "create -b missing file" "$VDISK" create -f qcow2 -b nonexistent.raw -F raw new2.qcow2
 check "create -u -b missing file with a size" "$VDISK" create -q -f qcow2 -u -b nonexistent.raw -F raw new3.qcow2 1M
+
+# check exit codes and repairs on damaged images, against qemu-img check
+qemu-img create -q -f qcow2 dmg.qcow2 4M
+qemu-io -c "write -P 1 0 64k" -c "write -P 2 1M 64k" dmg.qcow2 > /dev/null
+python3 - <<'PY'
+import struct
+with open('dmg.qcow2', 'r+b') as f:
+    h = f.read(104)
+    l1 = struct.unpack('>Q', h[40:48])[0]
+    f.seek(l1); l2 = struct.unpack('>Q', f.read(8))[0] & 0x00fffffffffffe00
+    f.seek(l2 + 16 * 8); f.write(b'\0' * 8)          # drop guest cluster 16: a leak
+PY
+cp dmg.qcow2 corrupt.qcow2
+python3 - <<'PY'
+import struct
+with open('corrupt.qcow2', 'r+b') as f:
+    h = f.read(104)
+    rt = struct.unpack('>Q', h[48:56])[0]
+    f.seek(rt); rb = struct.unpack('>Q', f.read(8))[0]
+    f.seek(rb + 5 * 2); f.write(b'\0\0')             # refcount 0 of a used cluster: corruption
+PY
+chk() { "$@" > /dev/null 2>&1; echo $?; }
+a=$(chk "$VDISK" check dmg.qcow2); b=$(chk qemu-img check dmg.qcow2)
+[ "$a" = 3 ] && [ "$b" = 3 ] && ok "check: leaks only, exit 3 (as qemu-img)" || fail "check: leaks only, exit 3" "vdisk $a qemu-img $b"
+n=$("$VDISK" check --output=json dmg.qcow2 2>/dev/null | jq .leaks)
+[ "$n" = 1 ] && ok "check --output=json counts the leak" || fail "check --output=json counts the leak" "$n"
+a=$(chk "$VDISK" check corrupt.qcow2); b=$(chk qemu-img check corrupt.qcow2)
+[ "$a" = 2 ] && [ "$b" = 2 ] && ok "check: corruption, exit 2 (as qemu-img)" || fail "check: corruption, exit 2" "vdisk $a qemu-img $b"
+out=$("$VDISK" check -r leaks dmg.qcow2 2>/dev/null); rc=$?
+[ $rc -eq 0 ] && grep -q "1 leaked clusters" <<<"$out" && ok "check -r leaks repairs" || fail "check -r leaks repairs" "$rc: $out"
+check "  qemu-img check agrees" qemu-img check dmg.qcow2
+a=$(chk "$VDISK" check -r leaks corrupt.qcow2)
+[ "$a" = 2 ] && ok "check -r leaks leaves the corruption (exit 2)" || fail "check -r leaks leaves the corruption" "$a"
+check "check -r all repairs" "$VDISK" check -r all corrupt.qcow2
+check "  qemu-img check agrees" qemu-img check corrupt.qcow2
+out=$(qemu-io -c "read -P 1 0 64k" corrupt.qcow2 2>&1)
+grep -q "^read 65536/65536" <<<"$out" && ! grep -q "verification failed" <<<"$out" && ok "  data intact" || fail "  data intact" "$out"
+check_fails "check -r with -U" "$VDISK" check -r all -U corrupt.qcow2
+
+# internal snapshots (made by qemu-img) in info, human and JSON
+qemu-img create -q -f qcow2 snap.qcow2 16M
+qemu-io -c "write -P 1 0 64k" snap.qcow2 > /dev/null
+qemu-img snapshot -c snap1 snap.qcow2
+qemu-img snapshot -c "second snapshot" snap.qcow2
+a=$("$VDISK" info snap.qcow2 | grep -v '^disk size:'); b=$(qemu-img info snap.qcow2 | grep -v '^disk size:')
+[ "$a" = "$b" ] && ok "info human with a snapshot list" || fail "info human with a snapshot list" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
+a=$("$VDISK" info --output=json snap.qcow2 | nojs); b=$(qemu-img info --output=json snap.qcow2 | nojs)
+[ "$a" = "$b" ] && ok "info JSON with snapshots" || fail "info JSON with snapshots" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"

@@ -135,3 +135,11 @@ for o in compat=0.10 "compat=1.1,lazy_refcounts=on,refcount_bits=64" "compressio
     got=$("$VDISK" info --output=json "$T/i.qcow2" | python3 -c 'import json,sys; d=json.load(sys.stdin); print(json.dumps([d["cluster-size"], d["dirty-flag"], d["format-specific"]], sort_keys=True))')
     if [ "$want" = "$got" ]; then ok "info format-specific ($o)"; else fail "info format-specific ($o)" "want $want got $got"; fi
 done
+
+# check --output=json: the same figures as qemu-img check
+for f in "$T/c512-r64.qcow2" "$T/extl2.qcow2" "$T/c.qcow2" "$T/top.qcow2" "$T/snap.qcow2" "$T/prealloc-full.qcow2"; do
+    want=$(qemu-img check --output=json "$f" | python3 -c 'import json,sys; d=json.load(sys.stdin); d.pop("filename"); print(json.dumps(d, sort_keys=True))')
+    got=$("$VDISK" check --output=json "$f" | python3 -c 'import json,sys; d=json.load(sys.stdin); d.pop("filename"); print(json.dumps(d, sort_keys=True))')
+    if [ "$want" = "$got" ]; then ok "check --output=json equals qemu-img's ($(basename "$f"))"
+    else fail "check --output=json ($(basename "$f"))" "want $want got $got"; fi
+done

@@ -66,6 +66,11 @@ out=$($VDISK info --output=json "$(R q0)" 2>&1)
 check "convert raw -> qcow2 on rbd" $VDISK convert -f raw -O qcow2 "$T/src.raw" "$(R q1)"
 check "qemu-img reads vdisk's qcow2 on rbd as the source" qemu-img compare -f raw -F qcow2 "$T/src.raw" "$(R q1)"
 check "qemu-img check finds the qcow2 on rbd clean" qemu-img check -f qcow2 "$(R q1)"
+# writes past the end grow the image ahead in steps (64 MiB here); close trims it back
+size=$(rbdc info rbd/q1 --format json 2>/dev/null | jq -r .size)
+end=$(qemu-img check --output=json -f qcow2 "$(R q1)" 2>/dev/null | jq -r '."image-end-offset"')
+[ -n "$size" ] && [ -n "$end" ] && [ "$size" -ge "$end" ] && [ "$size" -lt $((end + 4 * MiB)) ] \
+    && ok "the grown rbd image is trimmed to its content at close ($size bytes)" || fail "the grown rbd image is trimmed at close" "size $size, qcow2 end $end"
 check "convert qcow2 on rbd -> raw" $VDISK convert -O raw "$(R q1)" "$T/back3.raw"
 check "and it equals the source" cmp "$T/src.raw" "$T/back3.raw"
 

@@ -430,9 +430,12 @@ static void compress_run(void *opaque)
         r = f->write_compressed(l, j->off, j->data, j->len);
         pthread_mutex_unlock(&l->lock);
     }
-    if (r < 0)
+    if (r == -ENOTSUP)
+        set_error(cv, r, "%s: Compression not supported for this file format (%s)", cv->dst_name,
+                  vd_cli_strip(vd_errmsg(r), cv->dst_name));
+    else if (r < 0)
         set_error(cv, r, "%s: error while compressing a cluster at offset %" PRIu64 ": %s", cv->dst_name, j->off,
-                  vd_errmsg(r));
+                  vd_cli_strip(vd_errmsg(r), cv->dst_name));
 }
 
 static void plain_done(struct vd_req *r, int res)
