@@ -871,6 +871,60 @@ static int vmdk_check(struct vd_layer *l, unsigned fix, struct vd_check *c)
     return 0;
 }
 
+/* rebase: a new parent (its CID becomes parentCID) or none. */
+static int vmdk_set_backing(struct vd_layer *l, const char *name, const char *fmt)
+{
+    struct vmdk *s = l->priv;
+    char cid[16];
+    uint32_t pcid = 0xFFFFFFFFu;
+    int r;
+    if (name) {
+        if (fmt && strcmp(fmt, "vmdk"))
+            return vd_err(-ENOTSUP, "%s: a VMDK delta disk needs a VMDK parent, not %s", lname(l), fmt);
+        char *path = extent_path(lname(l), name), *text = NULL;
+        size_t len = 0;
+        bool emb;
+        struct vd_file *f;
+        if (!path)
+            return -ENOMEM;
+        r = vd_file_open(path, VD_FILE_RDONLY | VD_FILE_NOLOCK, VD_CACHE_WRITEBACK, &f);
+        if (r < 0) {
+            r = vd_err(r, "%s: cannot open the new parent %s", lname(l), path);
+            free(path);
+            return r;
+        }
+        r = vd_vmdk_read_desc(path, f, &text, &len, &emb);
+        vd_file_close(f);
+        struct vmdk_desc pd;
+        if (r >= 0 && text)
+            r = vd_vmdk_desc_parse(path, text, len, &pd);
+        else if (r >= 0)
+            r = vd_err(-EINVAL, "%s: the new parent %s has no descriptor", lname(l), path);
+        free(text);
+        free(path);
+        if (r < 0)
+            return r;
+        pcid = pd.cid;
+        vd_vmdk_desc_free(&pd);
+        r = vd_vmdk_desc_set(&s->desc, "parentFileNameHint", name, true);
+        if (r < 0)
+            return r;
+    }
+    snprintf(cid, sizeof(cid), "%08x", pcid);
+    r = vd_vmdk_desc_set(&s->desc, "parentCID", cid, false);
+    if (r < 0)
+        return r;
+    s->desc.parent_cid = pcid;
+    r = write_desc(l, s);
+    if (r < 0)
+        return r;
+    free(l->backing_name);
+    free(l->backing_fmt);
+    l->backing_name = name ? strdup(name) : NULL;
+    l->backing_fmt = name ? strdup("vmdk") : NULL;
+    return 0;
+}
+
 static const struct vd_create_opt_desc vmdk_create_opts[] = {
     { "subformat", "monolithicSparse (default), monolithicFlat, twoGbMaxExtentSparse, "
                    "twoGbMaxExtentFlat, streamOptimized, vmfs, vmfsThin" },
@@ -901,5 +955,6 @@ const struct vd_format vd_format_vmdk = {
     .check = vmdk_check,
     .info = vmdk_info,
     .backing_opened = vmdk_backing_opened,
+    .set_backing = vmdk_set_backing,
     .create_opts = vmdk_create_opts,
 };
