@@ -417,7 +417,12 @@ static int vhd_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_a
     a->file = l->file;
     uint64_t block_off;
     if (s->bat[blk] == VHD_BAT_UNUSED) {
-        block_off = s->next;
+        /* Place the block so that its data starts on a 4 KiB boundary: a
+         * page-aligned guest write then maps to whole host pages and a
+         * killed writer cannot leave it half-written across two pages. */
+        block_off = (s->next + s->bitmap_size + 4095) / 4096 * 4096 - s->bitmap_size;
+        if (block_off < s->next)
+            block_off += 4096;
         uint64_t block_bytes = (uint64_t)s->bitmap_size + s->block_size;
         /* The footer first, at the new end: the file grows and every byte
          * up to it reads as zeros; then the block's bitmap over the old
