@@ -24,6 +24,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
 #include <rados/librados.h>
 #include <rbd/librbd.h>
 
@@ -62,6 +63,7 @@ struct rbd_state {
     rados_ioctx_t ioctx;
     rbd_image_t image;
     char *label;                    /* the name as given, for messages */
+    char *cookie;                   /* our advisory lock, on images without exclusive-lock */
     unsigned timeout, lock_timeout;
     bool readonly;
     /* The size the image has for its users (as a file's size). Writes past
@@ -273,7 +275,9 @@ static int rbd_connect(struct rbd_state *st, const struct rbd_spec *s, enum vd_c
 static void state_free(struct rbd_state *st)
 {
     if (!st) return;
+    if (st->image && st->cookie) rbd_unlock(st->image, st->cookie);
     if (st->image) rbd_close(st->image);
+    free(st->cookie);
     if (st->ioctx) rados_ioctx_destroy(st->ioctx);
     if (st->cluster) rados_shutdown(st->cluster);
     pthread_mutex_destroy(&st->resize_lock);
@@ -382,6 +386,32 @@ static void lock_owner(struct rbd_state *st, char *who, size_t len)
     }
 }
 
+/* Images without the exclusive-lock feature (e.g. made for old kernel
+ * clients): RBD's advisory lock keeps a second vdisk writer out. It is not
+ * broken when its owner dies: the message says how to remove it. */
+static int take_advisory_lock(struct rbd_state *st)
+{
+    char host[64] = "host", cookie[160];
+    gethostname(host, sizeof(host) - 1);
+    snprintf(cookie, sizeof(cookie), "vdisk %s %ld %lx", host, (long)getpid(), (unsigned long)(uintptr_t)st);
+    int r = rbd_lock_exclusive(st->image, cookie);
+    if (r == 0) {
+        st->cookie = strdup(cookie);
+        if (!st->cookie) { rbd_unlock(st->image, cookie); return vd_err(-ENOMEM, "%s: out of memory", st->label); }
+        return 0;
+    }
+    if (r != -EBUSY && r != -EEXIST)
+        return vd_err(r, "%s: cannot take the advisory lock: %s", st->label, strerror(-r));
+    int excl = 0;
+    char tag[128], clients[256], cookies[256], addrs[256];
+    size_t tl = sizeof(tag), cl = sizeof(clients), kl = sizeof(cookies), al = sizeof(addrs);
+    if (rbd_list_lockers(st->image, &excl, tag, &tl, clients, &cl, cookies, &kl, addrs, &al) > 0)
+        return vd_err(-EBUSY, "%s: the image is open for writing elsewhere (advisory lock '%s' held by %s at %s; "
+                      "if that host is gone: rbd lock rm POOL/IMAGE '%s' %s)",
+                      st->label, cookies, clients, addrs, cookies, clients);
+    return vd_err(-EBUSY, "%s: the image is locked by another client (rbd lock ls POOL/IMAGE)", st->label);
+}
+
 /* Take RBD's exclusive lock and keep it until close: librbd then refuses
  * other clients' requests to hand it over, so a second writer fails.
  * *gave_up: st now belongs to the lock thread (see acquire_bounded). */
@@ -392,9 +422,7 @@ static int take_lock(struct rbd_state *st, bool *gave_up)
     int r = rbd_get_features(st->image, &features);
     if (r < 0) return vd_err(r, "%s: cannot read the image's features: %s", st->label, strerror(-r));
     if (!(features & RBD_FEATURE_EXCLUSIVE_LOCK))
-        return vd_err(-EOPNOTSUPP, "%s: the image lacks the exclusive-lock feature, so writers on two hosts "
-                      "could not be kept apart; enable it (rbd feature enable POOL/IMAGE exclusive-lock) "
-                      "or open read-only", st->label);
+        return take_advisory_lock(st);
     lock_owner(st, who, sizeof(who));   /* before: a lock thread we give up on closes the image */
     r = acquire_bounded(st, gave_up);
     if (r == 0) return 0;
@@ -417,6 +445,7 @@ static int take_lock(struct rbd_state *st, bool *gave_up)
 static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cache cache)
 {
     struct rbd_spec s;
+    bool created = false;
     int r = spec_parse(name, &s);
     if (r < 0) return r;
     struct rbd_state *st = calloc(1, sizeof(*st));
@@ -453,6 +482,7 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
             goto fail;
         }
         if (r < 0) { r = vd_err(r, "%s: cannot create the image: %s", st->label, strerror(-r)); goto fail; }
+        created = true;
     }
     if (st->readonly)
         r = rbd_open_read_only(st->ioctx, s.image, &st->image, s.snap);
@@ -480,6 +510,10 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     f->align = 1;
     return 0;
 fail:
+    if (created && st) {            /* leave no half-made image behind */
+        if (st->image) { rbd_close(st->image); st->image = NULL; }
+        rbd_remove(st->ioctx, s.image);
+    }
     spec_free(&s);
     state_free(st);
     return r;

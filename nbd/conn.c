@@ -30,13 +30,16 @@
 #define HS_OUT_MAX (64u * 1024)    /* stop reading options while this much is unsent */
 #define MAX_IOV    256
 
-static struct vd_nbd_server_config cfg = { .max_inflight = VD_NBD_MAX_INFLIGHT };
+static struct vd_nbd_server_config cfg = { .max_inflight = VD_NBD_MAX_INFLIGHT,
+                                            .handshake_seconds = VD_NBD_HANDSHAKE_SECONDS };
 
 void vd_nbd_server_configure(const struct vd_nbd_server_config *c)
 {
     cfg = *c;
     if (!cfg.max_inflight)
         cfg.max_inflight = VD_NBD_MAX_INFLIGHT;
+    if (!cfg.handshake_seconds)
+        cfg.handshake_seconds = VD_NBD_HANDSHAKE_SECONDS;
 }
 
 enum phase { P_HS, P_TLS, P_XMIT };
@@ -337,7 +340,7 @@ static ssize_t xwritev(struct conn *c, const struct iovec *iov, int cnt)
  * that an idle thread keeps at most BUF_CACHE_MAX bytes. */
 #define BUF_MIN_SHIFT 12
 #define BUF_CLASSES   14               /* 4 KiB .. 32 MiB */
-#define BUF_CACHE_MAX (96u << 20)
+#define BUF_CACHE_MAX (32u << 20)
 struct freebuf { struct freebuf *next; };
 static __thread struct freebuf *buf_free[BUF_CLASSES];
 static __thread size_t buf_cached;
@@ -592,7 +595,8 @@ static int reply_read_structured(struct conn *c, struct nreq *q)
         h += 32;
         pos = end;
     }
-    vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
+    if (last)   /* len > 0 here, so there is at least one chunk */
+        vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
     q->oiovcnt = n;
     q->olen = olen;
     return 0;
@@ -707,7 +711,8 @@ static void block_status(struct conn *c, struct nreq *q)
         q->olen += 24 + 8 * (size_t)d.n;
         last = hd;
     }
-    vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
+    if (last)   /* a block status reply has at least one context */
+        vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
 }
 
 /* ---- request lifecycle ---- */
@@ -1291,7 +1296,7 @@ static void hs_timeout(void *opaque)
     c->hs_timer = 0;
     if (c->phase == P_XMIT)
         return;
-    vd_log(VD_LOG_INFO, "%s: no export chosen within %u s, closing", c->peer, VD_NBD_HANDSHAKE_SECONDS);
+    vd_log(VD_LOG_INFO, "%s: no export chosen within %u s, closing", c->peer, cfg.handshake_seconds);
     c->dead = true;
     progress(c);
 }
@@ -1329,7 +1334,7 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
         c->dead = true;
     }
     vd_log(VD_LOG_DEBUG, "%s: new connection", c->peer);
-    c->hs_timer = vd_loop_timer(loop, VD_NBD_HANDSHAKE_SECONDS * 1000ull, hs_timeout, c);
+    c->hs_timer = vd_loop_timer(loop, cfg.handshake_seconds * 1000ull, hs_timeout, c);
     progress(c);
 }
 

@@ -399,8 +399,12 @@ static int handle_msg(struct vd_vhost_blk *b, struct vhu_msg *m, bool *reply, bo
             if (old >= 0) close(old);
             return 0;
         }
-        if (q->err_fd >= 0) close(q->err_fd);
-        q->err_fd = fd;       /* read only on the queue thread while stopped/started */
+        {
+            int old = q->err_fd;
+            if (q->running) vhb_queue_set_err(q, fd);
+            else q->err_fd = fd;
+            if (old >= 0) close(old);
+        }
         return 0;
     }
     case VHU_SET_VRING_ENABLE:

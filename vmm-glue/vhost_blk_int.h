@@ -102,6 +102,7 @@ int  vhb_queue_start(struct vhb_queue *q, struct vhb_start *s);
  * available index. */
 uint16_t vhb_queue_stop(struct vhb_queue *q);
 void vhb_queue_set_call(struct vhb_queue *q, int fd);
+void vhb_queue_set_err(struct vhb_queue *q, int fd);
 void vhb_queue_set_enabled(struct vhb_queue *q, bool on);
 /* Switch a running queue to a new memory table (ring pointers
  * re-translated by the caller; NULL ring pointers break the queue). */

@@ -382,6 +382,16 @@ void vhb_queue_set_call(struct vhb_queue *q, int fd)
     run_on_queue(q, do_set_call, NULL, fd);
 }
 
+static void do_set_err(struct call *c)
+{
+    c->q->err_fd = c->iarg;
+}
+
+void vhb_queue_set_err(struct vhb_queue *q, int fd)
+{
+    run_on_queue(q, do_set_err, NULL, fd);
+}
+
 static void do_set_enabled(struct call *c)
 {
     c->q->q_enabled = c->iarg;

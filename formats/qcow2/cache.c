@@ -3,6 +3,7 @@
  * used table; a dirty table is written on eviction or flush, after the
  * cache's pre_write hook has put whatever must precede it on disk. */
 #include <errno.h>
+#include <sys/uio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "vdisk/error.h"
@@ -56,13 +57,52 @@ static int write_ent(struct q2_cache *c, struct q2_cache_ent *e)
     int r;
     if (c->pre_write && (r = c->pre_write(c->s)) < 0)
         return r;
-    r = vd_file_pwrite(c->s->f, e->buf, c->tsize, e->off);
+    if (c->dsync)
+        r = vd_q2_pwrite_durable(c->s, e->buf, c->tsize, e->off);
+    else
+        r = vd_file_pwrite(c->s->f, e->buf, c->tsize, e->off);
     if (r < 0)
         return vd_err(r, "%s: writing %s at offset 0x%llx failed", c->s->fname, c->what,
                       (unsigned long long)e->off);
     e->dirty = false;
-    c->wrote = true;
+    if (!c->dsync)
+        c->wrote = true;
     return 0;
+}
+
+size_t vd_q2_cache_ndirty(const struct q2_cache *c)
+{
+    size_t n = 0;
+    for (size_t i = 0; i < c->n; i++)
+        n += c->e[i].off && c->e[i].dirty;
+    return n;
+}
+
+int vd_q2_pwrite_durable(struct q2 *s, const void *buf, size_t len, uint64_t off)
+{
+    struct vd_file *f = s->f;
+    if (f->fd >= 0 && !f->direct && f->proto && !strcmp(f->proto->name, "file")) {
+        const char *p = buf;
+        while (len) {
+            struct iovec iov = { (void *)p, len };
+            ssize_t n = pwritev2(f->fd, &iov, 1, (off_t)off, RWF_DSYNC);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EOPNOTSUPP || errno == EINVAL)
+                    break;      /* no per-write sync here: fall back below */
+                return -errno;
+            }
+            p += n;
+            off += (uint64_t)n;
+            len -= (size_t)n;
+        }
+        if (!len)
+            return 0;
+        buf = p;
+    }
+    int r = vd_file_pwrite(f, buf, len, off);
+    return r < 0 ? r : vd_file_sync(f);
 }
 
 int vd_q2_cache_get(struct q2_cache *c, uint64_t off, bool load, uint8_t **buf)

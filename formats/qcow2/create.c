@@ -101,7 +101,7 @@ int vd_q2_create(const char *filename, const struct vd_create_opts *o)
         if (df)
             return vd_err(-ENOTSUP, "%s: external data files are not supported", filename);
     }
-    uint64_t cs = s->cs, size = o->size;
+    uint64_t cs = s->cs, size = (o->size + 511) & ~511ull;   /* whole sectors, as qemu-img */
     s->size = size;
     uint64_t per_l1 = cs * s->l2_entries;
     uint64_t l1_size = (size + per_l1 - 1) / per_l1;
@@ -332,6 +332,8 @@ int vd_q2_resize(struct vd_layer *l, uint64_t size, enum vd_prealloc prealloc)
         return 0;
     if (size > (1ull << 62))
         return vd_err(-EFBIG, "%s: size %llu is too large", s->fname, (unsigned long long)size);
+    if (size % 512)
+        return vd_err(-EINVAL, "%s: the new size must be a multiple of 512", s->fname);
     if (size < s->size) {
         /* only over clusters that hold nothing */
         uint64_t first = (size + s->cs - 1) >> s->cluster_bits;

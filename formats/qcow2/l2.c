@@ -283,7 +283,7 @@ int vd_q2_alloc_op(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_all
     uint64_t maxn = (64ull << 20) >> s->cluster_bits, n = 1;
     if (!maxn)
         maxn = 1;
-    bool last_comp = e & Q2_COMPRESSED, first_comp = last_comp;
+    bool last_comp = e & Q2_COMPRESSED, first_comp = last_comp, any_comp = last_comp;
     while (n < maxn && cstart + n * cs < end) {
         uint64_t e2, bm2;
         if ((r = get_entry(s, (cstart >> s->cluster_bits) + n, true, &tbl, &idx, &e2, &bm2)) < 0)
@@ -293,6 +293,7 @@ int vd_q2_alloc_op(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_all
         if (!(e2 & Q2_COMPRESSED) && !s->ext_l2 && (e2 & ~(Q2_ZERO | Q2_COPIED)))
             break;
         last_comp = e2 & Q2_COMPRESSED;
+        any_comp |= last_comp;
         n++;
     }
     uint64_t host, got, old_end = s->host_end;
@@ -308,13 +309,20 @@ int vd_q2_alloc_op(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_all
         if (!last_comp && end < vend)
             fe = (end + s->sc_size - 1) / s->sc_size * s->sc_size;
     }
+    a->fresh = host >= old_end;
+    if (a->fresh && !any_comp && !l->backing_name) {
+        /* The clusters read as zeros now (unallocated, no backing file, or
+         * zero clusters) and the new host space is past the end of the
+         * file, so it reads as zeros too: no copy-on-write fill needed. */
+        fs = off;
+        fe = end < vend ? end : vend;
+    }
     if (fe > s->size)
         fe = s->size;
     a->fill_off = fs;
     a->fill_len = fe - fs;
     a->len = (end < vend ? end : vend) - off;
     a->host_off = host + (fs - cstart);
-    a->fresh = host >= old_end;
     a->priv[0] = K_FRESH;
     a->priv[1] = host;
     a->priv[2] = got;

@@ -71,6 +71,7 @@ struct q2_cache {
     /* called before a dirty table of this cache is written (ordering) */
     int (*pre_write)(struct q2 *s);
     bool wrote;         /* a table was written since the last sync */
+    bool dsync;         /* write tables durably one by one (RWF_DSYNC) */
     uint64_t hits, misses;
 };
 
@@ -199,6 +200,11 @@ int  vd_q2_cache_flush(struct q2_cache *c);
 void vd_q2_cache_drop(struct q2_cache *c, uint64_t off);
 /* Put an already-written table in the cache (clean). */
 int  vd_q2_cache_put_clean(struct q2_cache *c, uint64_t off, const uint8_t *buf);
+
+/* Write durably without syncing the rest of the file (RWF_DSYNC on local
+ * files: only this range is written back, then the disk cache flushed). */
+int vd_q2_pwrite_durable(struct q2 *s, const void *buf, size_t len, uint64_t off);
+size_t vd_q2_cache_ndirty(const struct q2_cache *c);
 
 /* ---- refcount.c ---- */
 int vd_q2_refcount(struct q2 *s, uint64_t cluster, uint64_t *rc);

@@ -189,21 +189,19 @@ static int create_block(struct q2 *s, uint64_t bi)
     if (!blk)
         return -ENOMEM;
     vd_q2_rc_set(blk, 0, s->refcount_order, 1);
-    int r = vd_file_pwrite(s->f, blk, s->cs, at);
+    int r = vd_q2_pwrite_durable(s, blk, s->cs, at);
     if (r < 0)
         vd_err(r, "%s: writing a refcount block at 0x%llx failed", s->fname, (unsigned long long)at);
-    if (r >= 0)
-        r = vd_file_sync(s->f);
     if (r >= 0) {
         uint8_t e[8];
         q2_put64(e, at);
-        r = vd_file_pwrite(s->f, e, 8, s->rt_off + bi * 8);
+        r = s->dirty_on_disk ? vd_file_pwrite(s->f, e, 8, s->rt_off + bi * 8)
+                             : vd_q2_pwrite_durable(s, e, 8, s->rt_off + bi * 8);
         if (r < 0)
             vd_err(r, "%s: updating refcount table entry %llu failed", s->fname, (unsigned long long)bi);
     }
     if (r >= 0) {
         s->rt[bi] = at;
-        s->rcc.wrote = true;
         if (at + s->cs > s->host_end)
             s->host_end = at + s->cs;
         r = vd_q2_cache_put_clean(&s->rcc, at, blk);
@@ -368,12 +366,24 @@ int vd_q2_l2_pre_write(struct q2 *s)
     int r;
     if ((r = vd_q2_mark_dirty(s)) < 0)
         return r;
+    if (s->dirty_on_disk) {     /* lazy refcounts: rebuilt after a crash */
+        r = vd_q2_cache_flush(&s->rcc);
+        s->rcc.wrote = false;
+        return r;
+    }
+    /* A few dirty blocks are written durably one by one: that does not
+     * wait for the write-back of the data written since the last flush
+     * (which the flush that follows syncs anyway). */
+    if (!s->rcc.wrote && vd_q2_cache_ndirty(&s->rcc) <= 4) {
+        s->rcc.dsync = true;
+        r = vd_q2_cache_flush(&s->rcc);
+        s->rcc.dsync = false;
+        return r;
+    }
     if ((r = vd_q2_cache_flush(&s->rcc)) < 0)
         return r;
-    if (s->rcc.wrote && !s->dirty_on_disk) {
-        if ((r = vd_file_sync(s->f)) < 0)
-            return r;
-    }
+    if (s->rcc.wrote && (r = vd_file_sync(s->f)) < 0)
+        return r;
     s->rcc.wrote = false;
     return 0;
 }

@@ -3,7 +3,7 @@
 # random moments and check that the image is consistent and that no write
 # acknowledged as flushed was lost.
 #
-#   tests/crash/crash.sh FORMAT [-o create_opts] [-t cache] [-s size] [POINTS]
+#   tests/crash/crash.sh FORMAT [-o create_opts] [-t cache] [-s size] [-r rounds] [POINTS]
 #
 # For each kill point: create a fresh image (vdisk create -f FORMAT -o ...),
 # run `crashio write` on it (self-describing 4 KiB blocks at random places,
@@ -11,24 +11,28 @@
 # random delay, then
 #   - `vdisk check` must report no corruption (leaks are allowed: exit 0, 3,
 #     or 63 for formats without checks),
-#   - `qemu-img check` too, for formats QEMU knows (qcow2, vmdk, vpc; 63:
-#     QEMU has no check for that format, as for vpc),
+#   - `qemu-img check` too, for formats QEMU knows (qcow2, vmdk, vpc),
 #   - `crashio verify`: every block holds zeros or a valid block, never older
 #     than its last flushed write.
+# With -r N (default 1) each point does N such rounds on the same image:
+# rounds after the first open the crashed image, write over it and are
+# killed again (recovery paths), and verify checks all rounds together.
 # Prints TAP (one line per kill point). CRASH_SEED fixes the random choices;
 # a failing point keeps its image under build/crash-failures/.
 source "$(dirname "$0")/../lib.sh"
 CRASHIO=$VDISK_BUILD/tests/helpers/crashio
+usage="usage: crash.sh FORMAT [-o opts] [-t cache] [-s size] [-r rounds] [POINTS]"
 
-fmt=${1:?usage: crash.sh FORMAT [-o opts] [-t cache] [-s size] [POINTS]}
+fmt=${1:?$usage}
 shift
-opts="" cache=writeback size=64M
-while getopts "o:t:s:" c; do
+opts="" cache=writeback size=64M rounds=1
+while getopts "o:t:s:r:" c; do
     case $c in
         o) opts=$OPTARG ;;
         t) cache=$OPTARG ;;
         s) size=$OPTARG ;;
-        *) echo "usage: crash.sh FORMAT [-o opts] [-t cache] [-s size] [POINTS]" >&2; exit 2 ;;
+        r) rounds=$OPTARG ;;
+        *) echo "$usage" >&2; exit 2 ;;
     esac
 done
 shift $((OPTIND - 1))
@@ -40,25 +44,28 @@ case $fmt in qcow2) qfmt=qcow2 ;; vmdk) qfmt=vmdk ;; vhd|vpc) qfmt=vpc ;; esac
 for prog in "$VDISK" "$CRASHIO"; do
     if [ ! -x "$prog" ]; then fail "crash $fmt: $prog is not built (make tests)"; exit 1; fi
 done
-echo "# crash $fmt: $points kill points, seed $seed, cache=$cache, -o '${opts}'"
+echo "# crash $fmt: $points kill points, $rounds round(s) each, seed $seed, cache=$cache, -o '${opts}'"
 RANDOM=$seed
 img=$T/crash.img journal=$T/crash.journal
-for ((i = 1; i <= points; i++)); do
-    s=$((seed * 1000 + i))
-    rm -f "$img" "$journal"
-    if ! "$VDISK" create -q -f "$fmt" ${opts:+-o "$opts"} "$img" "$size" > "$T/create.log" 2>&1; then
-        fail "crash $fmt point $i: create" "$(tr '\n' ' ' < "$T/create.log")"
-        continue
-    fi
+
+# round SEED APPEND: one writer run killed at a random moment, then the
+# checks; sets $why (empty: passed) and $desc, $out.
+round() {
+    local s=$1 append=$2 maxb every q delay pid wrc rc w
     # vary the shape: sizes up to 1..32 blocks, flush every 1..16 writes, 1..8 in flight
     maxb=$((1 + RANDOM % 32)) every=$((1 + RANDOM % 16)) q=$((1 + RANDOM % 8))
     delay=$(awk -v r=$RANDOM 'BEGIN { printf "%.3f", 0.05 + (r % 900) / 1000 }')
-    "$CRASHIO" write -f "$fmt" -t "$cache" -s "$s" -b $maxb -k $every -q $q "$img" "$journal" 2> "$T/writer.log" &
+    desc="$desc${desc:+; }seed $s -b $maxb -k $every -q $q, kill after ${delay}s"
+    local before=0
+    [ -f "$journal" ] && before=$(stat -c %s "$journal")
+    "$CRASHIO" write $append -f "$fmt" -t "$cache" -s "$s" -b $maxb -k $every -q $q "$img" "$journal" \
+        2> "$T/writer.log" &
     pid=$!
     # the delay counts from the writer's start (its journal header), not
     # from the exec: start-up under a sanitizer or load varies a lot
     for ((w = 0; w < 200; w++)); do
-        [ -s "$journal" ] || ! kill -0 $pid 2>/dev/null && break
+        [ -f "$journal" ] && [ "$(stat -c %s "$journal")" -gt "$before" ] && break
+        kill -0 $pid 2>/dev/null || break
         sleep 0.05
     done
     sleep "$delay"
@@ -73,31 +80,39 @@ for ((i = 1; i <= points; i++)); do
     why=""
     if [ $wrc -ne 137 ] && [ $wrc -ne 0 ]; then
         why="writer exited with status $wrc before the kill: $(head -3 "$T/writer.log" | tr '\n' ' ')"
-    elif grep -qE 'AddressSanitizer|runtime error|crashio: .*failed' "$T/writer.log"; then
+        return
+    fi
+    if grep -qE 'AddressSanitizer|runtime error|crashio: .*failed' "$T/writer.log"; then
         why="writer: $(head -3 "$T/writer.log" | tr '\n' ' ')"
+        return
     fi
-    if [ -z "$why" ]; then
-        out=$("$VDISK" check -f "$fmt" "$img" 2>&1); rc=$?
-        case $rc in 0|3|63) ;; *) why="vdisk check exit $rc: $(echo "$out" | head -5 | tr '\n' ' ')" ;; esac
-    fi
-    if [ -z "$why" ] && [ -n "$qfmt" ]; then
+    out=$("$VDISK" check -f "$fmt" "$img" 2>&1); rc=$?
+    case $rc in 0|3|63) ;; *) why="vdisk check exit $rc: $(echo "$out" | head -5 | tr '\n' ' ')"; return ;; esac
+    if [ -n "$qfmt" ]; then
         out=$(qemu-img check -f "$qfmt" "$img" 2>&1); rc=$?
-        case $rc in 0|3|63) ;; *) why="qemu-img check exit $rc: $(echo "$out" | head -5 | tr '\n' ' ')" ;; esac
+        case $rc in 0|3|63) ;; *) why="qemu-img check exit $rc: $(echo "$out" | head -5 | tr '\n' ' ')"; return ;; esac
     fi
-    if [ -z "$why" ] && ! { [ -f "$journal" ] && [ "$(wc -l < "$journal")" -ge 1 ]; }; then
-        # killed before it wrote its journal header: nothing was acknowledged,
-        # so the checks above are all there is to verify
-        out="killed before its first write; image checks clean"
-    elif [ -z "$why" ]; then
-        out=$("$CRASHIO" verify -f "$fmt" "$img" "$journal" 2>&1); rc=$?
-        [ $rc -eq 0 ] || why="verify exit $rc: $(echo "$out" | head -6 | tr '\n' ' ')"
+    out=$("$CRASHIO" verify -f "$fmt" "$img" "$journal" 2>&1); rc=$?
+    [ $rc -eq 0 ] || why="verify exit $rc: $(echo "$out" | head -6 | tr '\n' ' ')"
+}
+
+for ((i = 1; i <= points; i++)); do
+    rm -f "$img" "$journal"
+    if ! "$VDISK" create -q -f "$fmt" ${opts:+-o "$opts"} "$img" "$size" > "$T/create.log" 2>&1; then
+        fail "crash $fmt point $i: create" "$(tr '\n' ' ' < "$T/create.log")"
+        continue
     fi
-    desc="crash $fmt point $i (seed $s, -b $maxb -k $every -q $q, kill after ${delay}s)"
+    desc="" why=""
+    for ((r = 1; r <= rounds; r++)); do
+        s=$(( (seed * 1000 + i) * 16 + r ))
+        round "$s" "$([ $r -gt 1 ] && echo -a)"
+        [ -n "$why" ] && { why="round $r: $why"; break; }
+    done
     if [ -z "$why" ]; then
-        ok "$desc: $(echo "$out" | tail -1 | sed 's/^crashio: //')"
+        ok "crash $fmt point $i ($desc): $(echo "$out" | tail -1 | sed 's/^crashio: //')"
     else
-        keep=$VDISK_ROOT/build/crash-failures/$fmt-$s
+        keep=$VDISK_ROOT/build/crash-failures/$fmt-$seed-$i
         mkdir -p "$keep" && cp "$img" "$journal" "$keep/" 2>/dev/null
-        fail "$desc" "$why (kept in $keep)"
+        fail "crash $fmt point $i ($desc)" "$why (kept in $keep)"
     fi
 done

@@ -19,7 +19,7 @@ for f in $formats; do
         for cache in writeback none; do
             log=build/test-logs/crash-$fmt-${opts//[^a-z0-9]/_}-$cache.log
             mkdir -p build/test-logs
-            tests/crash/crash.sh "$fmt" ${opts:+-o "$opts"} -t $cache "$points" > "$log" 2>&1
+            tests/crash/crash.sh "$fmt" ${opts:+-o "$opts"} -t $cache -r ${CRASH_ROUNDS:-2} "$points" > "$log" 2>&1
             n_ok=$(grep -c '^ok ' "$log"); n_bad=$(grep -c '^not ok ' "$log")
             printf '%-40s %5d passed, %d failed\n' "$fmt ${opts:-default} cache=$cache" "$n_ok" "$n_bad"
             [ "$n_bad" -eq 0 ] && [ "$n_ok" -gt 0 ] || { rc=1; grep -A1 '^not ok ' "$log" | head -10; }

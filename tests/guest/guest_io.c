@@ -1,9 +1,11 @@
 /* Runs inside the test VM (static, as part of the initramfs) against the
  * vhost-user-blk disk, and on the host to describe what the disk must hold
  * afterwards.
- *   guest_io DEV SERIAL [PASSES]   in the guest: prints GUEST-OK or GUEST-FAIL
- *                                  (PASSES: how often the writers repeat their
- *                                  write/flush/verify pass, default 1)
+ *   guest_io DEV SERIAL [PASSES [RESIZE]]   in the guest: prints GUEST-OK or GUEST-FAIL
+ *        PASSES: how often the writers repeat their write/flush/verify pass (1);
+ *        RESIZE: then print WAIT-RESIZE and wait (60 s) for the disk to grow to
+ *        RESIZE bytes (an online resize on the host), read its new last 4 KiB
+ *        (zeros) and print RESIZE-OK
  *   guest_io --expect FILE     on the host: writes the expected image
  * In the guest, two processes pinned to the two CPUs (so both virtqueues
  * carry requests) write a pattern with O_DIRECT over [0, 48M), flush
@@ -79,6 +81,7 @@ static int verify_range(int fd, uint64_t off, uint64_t len, uint64_t bs, bool ze
 }
 
 static int passes = 1;
+static uint64_t resize_to;
 
 static int half(const char *dev, int cpu)
 {
@@ -127,6 +130,17 @@ static int guest(const char *dev, const char *serial)
     write_range(fd, 48 * MiB, 8 * MiB, 4096);
     if (fsync(fd) < 0) FAIL("fsync: %s", strerror(errno));
     verify_range(fd, 48 * MiB, 8 * MiB, 1 * MiB, false);
+    if (resize_to) {
+        printf("WAIT-RESIZE\n");
+        fflush(stdout);
+        uint64_t now = 0;
+        for (int i = 0; i < 600; i++) {
+            if (ioctl(fd, BLKGETSIZE64, &now) == 0 && now == resize_to) break;
+            usleep(100000);
+        }
+        if (now != resize_to) FAIL("size %llu after the resize, expected %llu", (unsigned long long)now, (unsigned long long)resize_to);
+        else if (verify_range(fd, resize_to - 4096, 4096, 4096, true) == 0) printf("RESIZE-OK\n");
+    }
     close(fd);
     printf(fails ? "GUEST-FAIL (%d)\n" : "GUEST-OK\n", fails);
     fflush(stdout);
@@ -150,8 +164,9 @@ static int expect(const char *file)
 int main(int argc, char **argv)
 {
     if (argc == 3 && !strcmp(argv[1], "--expect")) return expect(argv[2]);
-    if (argc == 4) passes = atoi(argv[3]) > 0 ? atoi(argv[3]) : 1;
-    if (argc == 3 || argc == 4) return guest(argv[1], argv[2]);
-    fprintf(stderr, "usage: guest_io DEV SERIAL [PASSES] | guest_io --expect FILE\n");
+    if (argc >= 4) passes = atoi(argv[3]) > 0 ? atoi(argv[3]) : 1;
+    if (argc >= 5) resize_to = strtoull(argv[4], NULL, 0);
+    if (argc >= 3 && argc <= 5) return guest(argv[1], argv[2]);
+    fprintf(stderr, "usage: guest_io DEV SERIAL [PASSES [RESIZE]] | guest_io --expect FILE\n");
     return 2;
 }

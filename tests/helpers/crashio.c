@@ -2,7 +2,7 @@
  * (tests/crash/crash.sh).
  *
  *   crashio write  [-f fmt] [-t cache] [-s seed] [-b max_blocks] [-k flush_every]
- *                  [-q inflight] [-n count] IMAGE JOURNAL
+ *                  [-q inflight] [-n count] [-a] IMAGE JOURNAL
  *   crashio verify [-f fmt] IMAGE JOURNAL
  *
  * The writer opens IMAGE through the block layer and writes a deterministic
@@ -14,9 +14,13 @@
  * the flush has completed it appends the newest acknowledged sequence
  * number to JOURNAL and fsyncs it: everything up to that number is durable.
  *
- * The checker replays the sequence and reads every block: each must be
- * zeros or a valid block of a write that covered it, and never older than
- * the last durable write that covered it. Exit status 0 when every block
+ * With -a the writer appends a new round to JOURNAL instead of starting
+ * one: the image already holds an earlier (crashed) round's blocks, and the
+ * new round (its own seed) writes over them, exercising recovery.
+ *
+ * The checker replays every round's sequence and reads every block: each
+ * must be zeros or a valid block of a write that covered it, and never
+ * older than the last durable write that covered it (in any round). Exit status 0 when every block
  * passes, 1 otherwise (the first failures are printed), 2 on errors. */
 #include <errno.h>
 #include <fcntl.h>
@@ -135,7 +139,7 @@ static bool overlaps(const struct wr *a, const struct wr *b)
 }
 
 static int do_write(const char *image, const char *journal, const char *fmt, enum vd_cache cache,
-                    struct params p, uint64_t count)
+                    struct params p, uint64_t count, bool append)
 {
     struct vd_open_opts o = { .format = fmt, .cache = cache };
     struct vd_disk *d;
@@ -147,7 +151,7 @@ static int do_write(const char *image, const char *journal, const char *fmt, enu
         fprintf(stderr, "crashio: %s is too small\n", image);
         return 2;
     }
-    int jfd = open(journal, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0644);
+    int jfd = open(journal, O_WRONLY | O_CREAT | (append ? 0 : O_TRUNC) | O_APPEND | O_CLOEXEC, 0644);
     if (jfd < 0) {
         perror(journal);
         return 2;
@@ -226,7 +230,18 @@ static int do_write(const char *image, const char *journal, const char *fmt, enu
 
 /* ---- checker ---- */
 
-static int read_journal(const char *journal, struct params *p, int64_t *durable)
+#define MAX_EPOCHS 64
+
+/* One writer run on the image (a "round"): its parameters and what it made
+ * durable. Later rounds write over earlier ones. */
+struct epoch {
+    struct params p;
+    int64_t durable;
+    uint64_t horizon;
+    struct wr *ws;
+};
+
+static int read_journal(const char *journal, struct epoch *ep, int *nep)
 {
     FILE *f = fopen(journal, "r");
     if (!f) {
@@ -234,48 +249,70 @@ static int read_journal(const char *journal, struct params *p, int64_t *durable)
         return -1;
     }
     char line[256];
-    if (!fgets(line, sizeof(line), f) ||
-        sscanf(line, "crashio seed=%" SCNu64 " size=%" SCNu64 " maxb=%u flush=%u inflight=%u", &p->seed, &p->size,
-               &p->maxb, &p->flush_every, &p->inflight) != 5 ||
-        p->maxb == 0 || p->size < UNIT) {
-        fprintf(stderr, "crashio: %s: no valid header\n", journal);
-        fclose(f);
-        return -1;
-    }
-    *durable = -1;
+    *nep = 0;
     while (fgets(line, sizeof(line), f)) {
         /* a line cut short by the kill has no newline: not durable */
         if (!strchr(line, '\n'))
             break;
-        *durable = (int64_t)strtoull(line, NULL, 10);
+        if (!strncmp(line, "crashio ", 8)) {
+            if (*nep == MAX_EPOCHS)
+                break;
+            struct epoch *e = &ep[(*nep)++];
+            memset(e, 0, sizeof(*e));
+            if (sscanf(line, "crashio seed=%" SCNu64 " size=%" SCNu64 " maxb=%u flush=%u inflight=%u", &e->p.seed,
+                       &e->p.size, &e->p.maxb, &e->p.flush_every, &e->p.inflight) != 5 ||
+                e->p.maxb == 0 || e->p.size < UNIT || (*nep > 1 && e->p.size != ep[0].p.size)) {
+                fprintf(stderr, "crashio: %s: bad header: %s", journal, line);
+                fclose(f);
+                return -1;
+            }
+            e->durable = -1;
+        } else if (*nep > 0) {
+            ep[*nep - 1].durable = (int64_t)strtoull(line, NULL, 10);
+        }
     }
     fclose(f);
+    if (*nep == 0) {
+        fprintf(stderr, "crashio: %s: no valid header\n", journal);
+        return -1;
+    }
     return 0;
 }
 
 static int do_verify(const char *image, const char *journal, const char *fmt)
 {
-    struct params p;
-    int64_t durable;
-    if (read_journal(journal, &p, &durable) < 0)
+    struct epoch ep[MAX_EPOCHS];
+    int nep;
+    if (read_journal(journal, ep, &nep) < 0)
         return 2;
-    /* The writer may have gone past the last durable number by up to two
-     * flush intervals (killed between flush and journal) plus what was in
-     * flight; replay well beyond that. */
-    uint64_t horizon = (uint64_t)(durable + 1) + 4ull * (p.flush_every + p.inflight) + 64;
-    uint64_t nblocks = p.size / UNIT;
-    struct wr *ws = malloc(horizon * sizeof(*ws));
+    uint64_t size = ep[0].p.size, nblocks = size / UNIT;
+    /* Per block, the newest durable write: (epoch, sequence); -1 for none. */
+    int *min_ep = malloc(nblocks * sizeof(*min_ep));
     int64_t *minreq = malloc(nblocks * sizeof(*minreq));
-    if (!ws || !minreq)
+    if (!min_ep || !minreq)
         return 2;
-    for (uint64_t b = 0; b < nblocks; b++)
+    for (uint64_t b = 0; b < nblocks; b++) {
+        min_ep[b] = -1;
         minreq[b] = -1;
-    uint64_t rng = p.seed;
-    for (uint64_t s = 0; s < horizon; s++) {
-        ws[s] = next_write(&rng, &p);
-        if ((int64_t)s <= durable)
-            for (uint32_t i = 0; i < ws[s].n; i++)
-                minreq[ws[s].blk + i] = (int64_t)s;
+    }
+    for (int e = 0; e < nep; e++) {
+        struct epoch *x = &ep[e];
+        /* A writer may have gone past its last durable number by up to two
+         * flush intervals (killed between flush and journal) plus what was
+         * in flight; replay well beyond that. */
+        x->horizon = (uint64_t)(x->durable + 1) + 4ull * (x->p.flush_every + x->p.inflight) + 64;
+        x->ws = malloc(x->horizon * sizeof(*x->ws));
+        if (!x->ws)
+            return 2;
+        uint64_t rng = x->p.seed;
+        for (uint64_t s = 0; s < x->horizon; s++) {
+            x->ws[s] = next_write(&rng, &x->p);
+            if ((int64_t)s <= x->durable)
+                for (uint32_t i = 0; i < x->ws[s].n; i++) {
+                    min_ep[x->ws[s].blk + i] = e;
+                    minreq[x->ws[s].blk + i] = (int64_t)s;
+                }
+        }
     }
 
     struct vd_open_opts o = { .format = fmt, .readonly = true };
@@ -283,7 +320,7 @@ static int do_verify(const char *image, const char *journal, const char *fmt)
     int r = vd_disk_open(image, &o, &d);
     if (r < 0)
         return die(image, r);
-    if (vd_disk_size(d) < p.size) {
+    if (vd_disk_size(d) < size) {
         fprintf(stderr, "crashio: %s shrank to %" PRIu64 " bytes\n", image, vd_disk_size(d));
         return 1;
     }
@@ -302,41 +339,51 @@ static int do_verify(const char *image, const char *journal, const char *fmt)
             memcpy(&h, blk, sizeof(h));
             const char *why = NULL;
             bool zero = true;
+            int e = -1;
             for (size_t j = 0; j < UNIT && zero; j++)
                 zero = !blk[j];
+            if (!zero)
+                for (int k = 0; k < nep; k++)
+                    if (ep[k].p.seed == h.seed)
+                        e = k;
             if (zero) {
                 nzero++;
                 if (minreq[b] >= 0)
                     why = "reads as zeros but a flushed write covered it";
-            } else if (h.magic != MAGIC || h.blk != b || h.seed != p.seed) {
-                why = "not a block this run wrote here (bad magic, block number or seed)";
-            } else if (h.seq >= horizon || ws[h.seq].blk > b || ws[h.seq].blk + ws[h.seq].n <= b) {
+            } else if (h.magic != MAGIC || h.blk != b || e < 0) {
+                why = "not a block written here (bad magic, block number or seed)";
+            } else if (h.seq >= ep[e].horizon || ep[e].ws[h.seq].blk > b ||
+                       ep[e].ws[h.seq].blk + ep[e].ws[h.seq].n <= b) {
                 why = "its sequence number never wrote this block";
             } else {
-                fill_block(want, b, h.seq, p.seed);
+                fill_block(want, b, h.seq, h.seed);
                 if (memcmp(want, blk, UNIT))
                     why = "content or checksum does not match its header";
-                else if ((int64_t)h.seq < minreq[b])
+                else if (e < min_ep[b] || (e == min_ep[b] && (int64_t)h.seq < minreq[b]))
                     why = "older than the last flushed write to it";
                 else {
                     ndata++;
-                    if (h.seq > newest)
+                    if (e == nep - 1 && h.seq > newest)
                         newest = h.seq;
                 }
             }
             if (why) {
                 if (nbad < 10)
-                    printf("block %" PRIu64 " (offset %" PRIu64 "): %s (holds #%" PRIu64 ", flushed #%" PRId64 ")\n",
-                           b, b * UNIT, why, zero ? 0 : h.seq, minreq[b]);
+                    printf("block %" PRIu64 " (offset %" PRIu64 "): %s (holds round %d #%" PRIu64
+                           ", flushed round %d #%" PRId64 ")\n",
+                           b, b * UNIT, why, e + 1, zero ? 0 : h.seq, min_ep[b] + 1, minreq[b]);
                 nbad++;
             }
         }
     }
-    printf("crashio: %" PRIu64 " blocks: %" PRIu64 " data, %" PRIu64 " zero, %" PRIu64 " bad; "
-           "durable up to #%" PRId64 ", newest seen #%" PRIu64 "\n", nblocks, ndata, nzero, nbad, durable, newest);
+    printf("crashio: %" PRIu64 " blocks: %" PRIu64 " data, %" PRIu64 " zero, %" PRIu64 " bad; %d round%s, "
+           "durable up to #%" PRId64 ", newest seen #%" PRIu64 "\n", nblocks, ndata, nzero, nbad, nep,
+           nep > 1 ? "s" : "", ep[nep - 1].durable, newest);
     free(buf);
     free(want);
-    free(ws);
+    for (int e = 0; e < nep; e++)
+        free(ep[e].ws);
+    free(min_ep);
     free(minreq);
     vd_disk_close(d);
     return nbad ? 1 : 0;
@@ -346,7 +393,7 @@ int main(int argc, char **argv)
 {
     if (argc < 2 || (strcmp(argv[1], "write") && strcmp(argv[1], "verify"))) {
         fprintf(stderr, "usage: crashio write|verify [-f fmt] [-t cache] [-s seed] [-b max_blocks] "
-                        "[-k flush_every] [-q inflight] [-n count] IMAGE JOURNAL\n");
+                        "[-k flush_every] [-q inflight] [-n count] [-a] IMAGE JOURNAL\n");
         return 2;
     }
     bool writer = argv[1][0] == 'w';
@@ -354,9 +401,10 @@ int main(int argc, char **argv)
     const char *fmt = NULL;
     enum vd_cache cache = VD_CACHE_WRITEBACK;
     uint64_t count = 0;
+    bool append = false;
     int c;
     optind = 2;
-    while ((c = getopt(argc, argv, "f:t:s:b:k:q:n:")) != -1) {
+    while ((c = getopt(argc, argv, "f:t:s:b:k:q:n:a")) != -1) {
         switch (c) {
         case 'f': fmt = optarg; break;
         case 't':
@@ -370,6 +418,7 @@ int main(int argc, char **argv)
         case 'k': p.flush_every = (unsigned)atoi(optarg); break;
         case 'q': p.inflight = (unsigned)atoi(optarg); break;
         case 'n': count = strtoull(optarg, NULL, 0); break;
+        case 'a': append = true; break;
         default: return 2;
         }
     }
@@ -379,6 +428,6 @@ int main(int argc, char **argv)
         return 2;
     }
     if (writer)
-        return do_write(argv[optind], argv[optind + 1], fmt, cache, p, count);
+        return do_write(argv[optind], argv[optind + 1], fmt, cache, p, count, append);
     return do_verify(argv[optind], argv[optind + 1], fmt);
 }

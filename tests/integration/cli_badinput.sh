@@ -67,3 +67,15 @@ check_fails "io: --aio=bogus" "$VDISK" io --aio=bogus -f raw -c flush "$T/ok.raw
 check_fails "io: --cache=bogus" "$VDISK" io --cache=bogus -f raw -c flush "$T/ok.raw"
 check_fails "option missing its argument" "$VDISK" create -f
 check_fails "convert -S junk" "$VDISK" convert -S junk -f raw "$T/ok.raw" "$T/s.raw"
+
+# an image in use by another vdisk: refused with a hint at -U; -U reads it
+"$VDISK" create -q -f raw "$T/busy.raw" 1M
+"$VDISK" io -f raw -c "sleep 60000" "$T/busy.raw" & holder=$!
+on_exit "kill $holder 2>/dev/null"
+for ((i = 0; i < 50; i++)); do "$VDISK" io -f raw -c flush "$T/busy.raw" > /dev/null 2>&1 || break; sleep 0.1; done
+check_fails "info of an image in use" "$VDISK" info -f raw "$T/busy.raw"
+out=$("$VDISK" info -f raw "$T/busy.raw" 2>&1)
+grep -q -- "-U" <<<"$out" && ok "in use: the message suggests -U" || fail "in use: the message suggests -U" "$out"
+check "info -U of an image in use" "$VDISK" info -U -f raw "$T/busy.raw"
+check_fails "writing to an image in use" "$VDISK" io -f raw -c "write 0 4k" "$T/busy.raw"
+kill $holder 2>/dev/null; wait $holder 2>/dev/null || true

@@ -140,3 +140,11 @@ a=$("$VDISK" info snap.qcow2 | grep -v '^disk size:'); b=$(qemu-img info snap.qc
 [ "$a" = "$b" ] && ok "info human with a snapshot list" || fail "info human with a snapshot list" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
 a=$("$VDISK" info --output=json snap.qcow2 | nojs); b=$(qemu-img info --output=json snap.qcow2 | nojs)
 [ "$a" = "$b" ] && ok "info JSON with snapshots" || fail "info JSON with snapshots" "$(diff <(echo "$b") <(echo "$a") | head -5 | tr '\n' ' ')"
+
+# compressed clusters: JSON map as qemu-img's; the human map refuses, as qemu-img
+qemu-img create -q -f qcow2 cc.qcow2 4M
+qemu-io -c "write -c -P 7 0 64k" -c "write -P 8 64k 64k" cc.qcow2 > /dev/null
+a=$("$VDISK" map --output=json cc.qcow2); b=$(qemu-img map --output=json cc.qcow2)
+[ "$a" = "$b" ] && ok "map --output=json with a compressed cluster" || fail "map --output=json with a compressed cluster" "$a"
+out=$("$VDISK" map cc.qcow2 2>&1); rc=$?
+[ $rc -eq 1 ] && grep -q "compressed clusters" <<<"$out" && ok "human map refuses compressed clusters" || fail "human map refuses compressed clusters" "$rc: $out"

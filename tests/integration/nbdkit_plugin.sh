@@ -12,7 +12,7 @@ PLUGIN=$VDISK_BUILD/lib/nbdkit-vdisk-plugin.so
 
 # The sanitizer build of the plugin needs the runtimes preloaded into nbdkit.
 preload=
-if ldd "$PLUGIN" | grep -q libasan; then
+if ldd "$PLUGIN" | grep libasan >/dev/null; then   # not -q: ldd must not get SIGPIPE (pipefail)
     preload="$(gcc -print-file-name=libasan.so) $(gcc -print-file-name=libubsan.so)"
 fi
 # nbdkit with the runtimes the plugin needs
@@ -40,7 +40,7 @@ raw=$T/sparse.raw
 truncate -s 64M "$raw"
 qemu-io -f raw -c "write -P 0x61 0 64k" -c "write -P 0x62 5M 1M" -c "write -P 0x63 63M 1M" "$raw" >/dev/null
 
-serve raw format=raw "$raw" || fail "nbdkit starts with the plugin on raw"
+serve raw format=raw "$raw" || { fail "nbdkit starts with the plugin on raw" "$(tail -3 "$T/nbdkit.log")"; exit 1; }
 info=$(nbdinfo --json "$uri")
 [ "$(jq '.exports[0]."export-size"' <<<"$info")" = 67108864 ] && ok "raw: nbdinfo size 64 MiB" \
     || fail "raw: nbdinfo size" "$info"
@@ -85,7 +85,7 @@ stop raw
 check "raw: the file equals the reference (qemu-img compare)" qemu-img compare -q -f raw -F raw "$raw" "$T/ref.raw"
 
 # readonly=true
-serve ro format=raw readonly=true "$raw" || fail "nbdkit starts read-only"
+serve ro format=raw readonly=true "$raw" || fail "nbdkit starts read-only" "$(tail -3 "$T/nbdkit.log")"
 [ "$(nbdinfo --json "$uri" | jq '.exports[0]."is_read_only"')" = true ] \
     && ok "readonly=true: the export is read-only" || fail "readonly=true: the export is read-only"
 check_fails "readonly=true: a write fails" qemu-io -f raw -c "write 0 4k" "$uri"
@@ -95,7 +95,7 @@ stop ro
 q=$T/img.qcow2
 qemu-img create -q -f qcow2 "$q" 64M
 qemu-io -f qcow2 -c "write -P 0x55 1M 2M" -c "write -z 8M 1M" -c "write -P 0xaa 20M 64k" "$q" >/dev/null
-serve q2 "$q" || fail "nbdkit starts with the plugin on qcow2"
+serve q2 "$q" || { fail "nbdkit starts with the plugin on qcow2" "$(tail -3 "$T/nbdkit.log")"; exit 1; }
 nbdinfo --map "$uri" > "$T/vq.map"
 qemu-nbd -k "$T/qn.sock" -f qcow2 -r --persistent --fork --pid-file "$T/qn.pid" "$q"
 on_exit "kill \$(cat '$T/qn.pid' 2>/dev/null) 2>/dev/null"
@@ -118,7 +118,7 @@ check "qcow2: the image holds what was written (qemu-img compare)" qemu-img comp
 for f in vmdk vpc; do
     img=$T/img.$f
     qemu-img convert -q -f raw -O $f "$T/q.raw" "$img"
-    serve $f "$img" || { fail "$f: nbdkit starts"; continue; }
+    serve $f "$img" || { fail "$f: nbdkit starts" "$(tail -3 "$T/nbdkit.log")"; continue; }
     nbdcopy "$uri" "$T/$f.out" 2>/dev/null
     stop $f
     check "$f: nbdcopy out equals qemu-img's view" qemu-img compare -q -f raw -F $f "$T/$f.out" "$img"

@@ -34,6 +34,15 @@ size=$(rbdc info rbd/new1 --format json 2>/dev/null | jq -r .size)
 [ "$size" = $((10 * 1024 * MiB)) ] && ok "rbd sees the created size" || fail "rbd sees the created size" "size $size"
 check_fails "create refuses an existing image" $VDISK create -f raw "$(R new1)" 1G
 
+# names: a namespace, and an escaped ':' in the image name, parsed as qemu-img does
+rbdc namespace create rbd/ns1 > /dev/null 2>&1
+check "create in a namespace (rbd:POOL/NS/IMAGE)" $VDISK create -f raw "rbd:rbd/ns1/nsimg:conf=$CONF" 16M
+rbdc ls rbd/ns1 2>/dev/null | grep -qx nsimg && ok "rbd lists it in the namespace" || fail "rbd lists it in the namespace" "$(rbdc ls rbd/ns1 2>&1)"
+out=$(qemu-img info --output=json "rbd:rbd/ns1/nsimg:conf=$CONF" 2>&1)
+[ "$(jq -r '."virtual-size"' <<<"$out" 2>/dev/null)" = $((16 * MiB)) ] && ok "qemu-img finds it under the same name" || fail "qemu-img finds it under the same name" "$out"
+check "an escaped ':' belongs to the image name" $VDISK create -f raw "rbd:rbd/a\\:b:conf=$CONF" 16M
+rbdc ls rbd 2>/dev/null | grep -qx 'a:b' && ok "rbd lists image 'a:b'" || fail "rbd lists image 'a:b'" "$(rbdc ls rbd 2>&1)"
+
 # ---- convert raw -> rbd -> raw ----
 check "convert raw -> rbd" $VDISK convert -f raw -O raw "$T/src.raw" "$(R img)"
 check "qemu-img (its own rbd driver) reads the same data" qemu-img compare -f raw -F raw "$T/src.raw" "$(R img)"
@@ -74,6 +83,14 @@ end=$(qemu-img check --output=json -f qcow2 "$(R q1)" 2>/dev/null | jq -r '."ima
 check "convert qcow2 on rbd -> raw" $VDISK convert -O raw "$(R q1)" "$T/back3.raw"
 check "and it equals the source" cmp "$T/src.raw" "$T/back3.raw"
 
+# ---- resize ----
+check "resize grows an rbd image" $VDISK resize -f raw "$(R new1)" +1G
+size=$(rbdc info rbd/new1 --format json 2>/dev/null | jq -r .size)
+[ "$size" = $((11 * 1024 * MiB)) ] && ok "rbd sees the new size" || fail "rbd sees the new size" "size $size"
+check "resize --shrink" $VDISK resize -f raw --shrink "$(R new1)" 1G
+size=$(rbdc info rbd/new1 --format json 2>/dev/null | jq -r .size)
+[ "$size" = $((1024 * MiB)) ] && ok "rbd sees the shrunk size" || fail "rbd sees the shrunk size" "size $size"
+
 # ---- library I/O through librbd's aio path ----
 check "random 4 KiB writes through the loop" $HELPER write "$(R img)" 7 500
 check "they read back" $HELPER verify "$(R img)" 7 500
@@ -111,6 +128,16 @@ if awk '$1 == 0 && $2 == 33554432 && $4 == "data" {d=1} $1 == 33554432 && $4 ~ /
 else
     fail "NBD base:allocation from RBD's allocation" "$(head -4 <<<"$map" | tr '\n' ' ')"
 fi
+# discard through NBD deallocates: whole objects go, and block status says so
+check "NBD trim of 8 MiB on the rbd export" qemu-io -f raw -c 'discard 8M 8M' -c 'read -P 0 8M 8M' "$NBD"
+map=$(nbdinfo --map=base:allocation "$NBD" 2>&1)
+if awk '$1 <= 8388608 && $1 + $2 >= 16777216 && $4 ~ /hole/ {h=1} END {exit !h}' <<<"$map"; then
+    ok "after the trim, base:allocation reports a hole there"
+else
+    fail "after the trim, base:allocation reports a hole there" "$(head -6 <<<"$map" | tr '\n' ' ')"
+fi
+check "data around the trimmed range is intact" qemu-io -f raw -c 'read -v 0 512' "$NBD"
+
 # a second daemon on the same image is refused: the first holds the lock
 out=$("$VDISKD" --nbd "unix:$T/b.sock" --export "name=e,file=$(R exp),format=raw" 2>&1); rc=$?
 [ $rc -ne 0 ] && grep -q "open for writing elsewhere" <<<"$out" \
@@ -204,8 +231,27 @@ check "vhost-user-blk on an rbd image: 4 KiB at QD32 written, then verified" \
     bash -c "'$H/vhost_io' --mode fill --queues 1 --qd 32 --bs 4K --size 16M --seed 22 '$T/vh.sock' && '$H/vhost_io' --mode verify --queues 1 --qd 32 --bs 4K --size 16M --seed 22 '$T/vh.sock'"
 stop_vdiskd v
 
+# an image without the exclusive-lock feature: RBD's advisory lock instead
+check "create an image with layering only" $VDISK create -f raw "$(R old rbd_default_features=1)" 16M
+rbdc info rbd/old 2>/dev/null | grep -q "exclusive-lock" && fail "image lacks exclusive-lock" || ok "image lacks exclusive-lock"
+mkfifo "$T/hold2.in"
+$HELPER hold "$(R old)" < "$T/hold2.in" > "$T/hold2.out" 2>&1 &
+holder2=$!
+exec 8> "$T/hold2.in"
+on_exit "exec 8>&-; kill $holder2 2>/dev/null"
+for _ in $(seq 100); do grep -q open "$T/hold2.out" && break; sleep 0.1; done
+rbdc lock ls rbd/old 2>/dev/null | grep -q "vdisk" && ok "the writer holds an advisory lock" || fail "the writer holds an advisory lock" "$(rbdc lock ls rbd/old 2>&1)"
+out=$($HELPER write "$(R old)" 8 1 2>&1); rc=$?
+[ $rc -ne 0 ] && grep -q "advisory lock .* held by client" <<<"$out" && grep -q "rbd lock rm" <<<"$out" \
+    && ok "a second writer is refused, told how to clear a dead owner's lock" || fail "a second writer is refused (advisory lock)" "rc $rc: $out"
+exec 8>&-; wait $holder2
+[ -z "$(rbdc lock ls rbd/old 2>/dev/null)" ] && ok "the advisory lock is released at close" || fail "the advisory lock is released at close" "$(rbdc lock ls rbd/old 2>&1)"
+check "and the next writer gets it" $HELPER write "$(R old)" 9 10
+
 # ---- errors: bounded in time, clear ----
-sed -E 's/^mon host = .*/mon host = v2:127.0.0.1:46998/' "$CONF" > "$T/dead.conf"
+# a loopback port nobody listens on (below the test clusters' range)
+for dead in $(seq $((45000 + RANDOM % 900)) 45999); do ss -Htln "sport = :$dead" | grep -q . || break; done
+sed -E "s/^mon host = .*/mon host = v2:127.0.0.1:$dead/" "$CONF" > "$T/dead.conf"
 t0=$SECONDS
 out=$($VDISK info "rbd:rbd/img:conf=$T/dead.conf:timeout=3" 2>&1); rc=$?
 el=$((SECONDS - t0))

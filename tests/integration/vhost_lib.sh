@@ -52,6 +52,23 @@ check "vdisk: small queue, deep chains" \
 io=$!; sleep 0.3; kill -9 $io 2>/dev/null; wait $io 2>/dev/null
 check "vdisk: usable after a front-end died mid-I/O" \
     "$IO" --queues 2 --qd 8 --bs 64K --seed 14 --expect "$T/a.expect" "$T/a.sock"
+# exports added and removed on the control socket: export-del drops a connected front-end and removes the socket
+truncate -s 16M "$T/c.raw"
+check "export-add type=vhost-user-blk on the control socket" ctl "$T/a.sock.ctl" export-add \
+    "{\"name\": \"c\", \"type\": \"vhost-user-blk\", \"file\": \"$T/c.raw\", \"format\": \"raw\", \"socket\": \"$T/c.sock\", \"num-queues\": \"2\"}"
+check "the added export serves" "$IO" --mode fill --queues 2 --qd 8 --bs 64K --seed 15 "$T/c.sock"
+check_fails "export-add with an unknown vhost option fails" ctl "$T/a.sock.ctl" export-add \
+    "{\"name\": \"d\", \"type\": \"vhost-user-blk\", \"file\": \"$T/c.raw\", \"socket\": \"$T/d.sock\", \"queues\": \"2\"}"
+check_fails "export-add without socket= fails" ctl "$T/a.sock.ctl" export-add \
+    "{\"name\": \"e\", \"type\": \"vhost-user-blk\", \"file\": \"$T/c.raw\", \"format\": \"raw\"}"
+"$IO" --mode randread --runtime 30 --queues 2 --qd 8 --bs 4K "$T/c.sock" > "$T/del.out" 2>&1 &
+rd=$!
+sleep 0.5
+check "export-del while a front-end is connected" ctl "$T/a.sock.ctl" export-del '{"name": "c"}'
+wait $rd; rc=$?
+if [ $rc -ne 0 ] && grep -q 'went away' "$T/del.out"; then ok "the front-end was dropped"; else fail "the front-end was dropped" "rc $rc: $(tail -2 "$T/del.out")"; fi
+if [ ! -e "$T/c.sock" ]; then ok "the export's socket is gone"; else fail "the export's socket is gone"; fi
+
 # online resize: the front-end hears of it on the back-end channel
 "$IO" --mode resize-wait --runtime 20 "$T/a.sock" > "$T/resize.out" 2>&1 &
 rz=$!

@@ -16,13 +16,13 @@ if ! out=$("$VDISK_ROOT/tests/guest/build.sh" "$G" 2>&1); then
 fi
 ok "test VM built (kernel $(cd "$G" && file -b vmlinuz | grep -o 'version [^ ]*'))"
 
-# run_vm SOCKET NAME: boot the VM against SOCKET; console in $T/NAME.console
+# run_vm SOCKET NAME [APPEND]: boot the VM against SOCKET; console in $T/NAME.console
 run_vm() {
     timeout 300 qemu-system-x86_64 -machine q35,accel=tcg,memory-backend=mem -cpu max -smp 2 -m 512M \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
         -chardev socket,id=c0,path="$1" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
         -kernel "$G/vmlinuz" -initrd "$G/initramfs.gz" \
-        -append "console=ttyS0 panic=-1 quiet vdserial=vdisk-vm" \
+        -append "console=ttyS0 panic=-1 quiet vdserial=vdisk-vm ${3:-}" \
         -nodefaults -display none -serial file:"$T/$2.console" -no-reboot > "$T/$2.qemu" 2>&1
 }
 
@@ -36,8 +36,20 @@ truncate -s 64M "$T/vm.raw"
 srv=$!
 on_exit "kill $srv 2>/dev/null"
 for _ in $(seq 100); do [ -S "$T/vm.sock" ] && break; sleep 0.05; done
-run_vm "$T/vm.sock" raw; rc=$?
-grep -E 'GUEST-|queues:' "$T/raw.console" | sed 's/^/# /'
+# ... and at the end an online resize: the guest waits for its disk to grow
+run_vm "$T/vm.sock" raw "vdpasses=1 vdresize=100663296" &
+vm=$!
+for _ in $(seq 3000); do grep -q WAIT-RESIZE "$T/raw.console" 2>/dev/null && break; kill -0 $vm 2>/dev/null || break; sleep 0.1; done
+check "vhost-user-blk-resize while the guest runs" python3 - "$T/ctl.sock" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); f = s.makefile("rw")
+f.readline()
+f.write(json.dumps({"execute": "vhost-user-blk-resize", "arguments": {"name": "vm", "size": 100663296}}) + "\n"); f.flush()
+r = f.readline(); print(r); sys.exit(0 if '"return"' in r else 1)
+PY
+wait $vm; rc=$?
+grep -E 'GUEST-|queues:|RESIZE' "$T/raw.console" | sed 's/^/# /'
+check "guest saw the new capacity (config change through QEMU)" grep -q '^RESIZE-OK' "$T/raw.console"
 if [ $rc -eq 0 ] && grep -q '^GUEST-OK' "$T/raw.console"; then ok "guest: O_DIRECT patterns, flush, discard, zero-out, serial on 2 queues"
 else fail "guest: O_DIRECT patterns, flush, discard, zero-out, serial on 2 queues" "qemu rc $rc: $(tail -5 "$T/raw.console" "$T/raw.qemu" | tr '\n' ' ')"; fi
 check "guest saw 2 virtqueues" grep -q '^queues: 2' "$T/raw.console"

@@ -15,10 +15,12 @@ set -uo pipefail
 cmd=${1:-}; dir=${2:-}
 [ -n "$cmd" ] && [ -n "$dir" ] || { echo "usage: $0 start|stop DIR [POOL]" >&2; exit 2; }
 
-# A port for the monitor: RBD_MON_PORT, else the first free one from 46789 on.
+# A port for the monitor: RBD_MON_PORT, else a free one in 46000-46999,
+# starting at a random place so that concurrent test runs do not collide.
 free_port() {
-    local p
-    for p in $(seq "${RBD_MON_PORT:-46789}" 46999); do
+    local p i start=${RBD_MON_PORT:-$((46000 + RANDOM % 1000))}
+    for i in $(seq 0 999); do
+        p=$(( start + i )); [ -n "${RBD_MON_PORT:-}" ] || p=$(( 46000 + (start - 46000 + i) % 1000 ))
         ss -Htln "sport = :$p" 2>/dev/null | grep -q . || { echo "$p"; return 0; }
     done
     return 1
@@ -76,6 +78,9 @@ osd crush chooseleaf type = 0
 mon allow pool delete = true
 mon allow pool size one = true
 mon warn on pool no redundancy = false
+# a nearly full disk must not stop the throwaway monitor
+mon data avail warn = 1
+mon data avail crit = 0
 paxos propose interval = 0.1
 run dir = $dir/run
 pid file =

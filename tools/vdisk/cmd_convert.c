@@ -97,7 +97,7 @@ struct conv {
     pthread_mutex_t lock;       /* protects everything below */
     uint64_t next_off, next_seq, write_seq;
     struct chunk *parked;
-    int err;
+    _Atomic int err;            /* written under lock, read anywhere */
     char errmsg[512];
     uint64_t done_bytes;
     struct vd_cli_progress pr;

@@ -156,7 +156,7 @@ static int parse_args(const char *cmd, int argc, char **argv, const char *allowe
             a->len = v;
     }
     if (a->nnum != need) {
-        vd_cli_err("%s: expects %s", cmd, need == 2 ? "an offset and a length" : "a size");
+        vd_cli_err("%s: expects %s", cmd, need == 2 ? "an offset and a length" : "one number");
         return -EINVAL;
     }
     if (need == 2 && a->len > MAX_LEN && !a->zero && strcmp(cmd, "discard")) {
@@ -282,6 +282,17 @@ static int do_cmd(struct io_ctx *ctx, char *line)
             vd_cli_err("%s: truncate failed: %s", ctx->file, vd_cli_strip(vd_errmsg(r), ctx->file));
         return r;
     }
+    if (!strcmp(cmd, "sleep")) {
+        if (parse_args(cmd, argc, argv, "", &a, 1) < 0)
+            return -EINVAL;
+        if (a.off > 3600000) {
+            vd_cli_err("sleep: at most 3600000 ms");
+            return -EINVAL;
+        }
+        struct timespec ts = { (time_t)(a.off / 1000), (long)(a.off % 1000) * 1000000 };
+        nanosleep(&ts, NULL);
+        return 0;
+    }
     if (!strcmp(cmd, "length")) {
         char sz[32];
         vd_format_size(vd_disk_size(ctx->d), sz, sizeof(sz));
@@ -302,6 +313,7 @@ static int do_cmd(struct io_ctx *ctx, char *line)
                "flush                             flush\n"
                "truncate size                     resize the image\n"
                "length                            print the virtual size\n"
+               "sleep ms                          wait (holding the image open)\n"
                "engine                            print the I/O engine in use\n");
         return 0;
     }

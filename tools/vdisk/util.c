@@ -107,6 +107,8 @@ int vd_cli_open(const char *file, const struct vd_cli_open *o, struct vd_disk **
     r = vd_disk_open(file, &oo, out);
     if (r < 0) {
         vd_cli_err_file(file, r);
+        if (r == -EBUSY && o->readonly && !o->force_share)
+            fprintf(stderr, "vdisk: use -U (--force-share) to read it anyway\n");
         return r;
     }
     return 0;
