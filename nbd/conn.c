@@ -30,13 +30,16 @@
 #define HS_OUT_MAX (64u * 1024)    /* stop reading options while this much is unsent */
 #define MAX_IOV    256
 
-static struct vd_nbd_server_config cfg = { .max_inflight = VD_NBD_MAX_INFLIGHT };
+static struct vd_nbd_server_config cfg = { .max_inflight = VD_NBD_MAX_INFLIGHT,
+                                            .handshake_seconds = VD_NBD_HANDSHAKE_SECONDS };
 
 void vd_nbd_server_configure(const struct vd_nbd_server_config *c)
 {
     cfg = *c;
     if (!cfg.max_inflight)
         cfg.max_inflight = VD_NBD_MAX_INFLIGHT;
+    if (!cfg.handshake_seconds)
+        cfg.handshake_seconds = VD_NBD_HANDSHAKE_SECONDS;
 }
 
 enum phase { P_HS, P_TLS, P_XMIT };
@@ -1293,7 +1296,7 @@ static void hs_timeout(void *opaque)
     c->hs_timer = 0;
     if (c->phase == P_XMIT)
         return;
-    vd_log(VD_LOG_INFO, "%s: no export chosen within %u s, closing", c->peer, VD_NBD_HANDSHAKE_SECONDS);
+    vd_log(VD_LOG_INFO, "%s: no export chosen within %u s, closing", c->peer, cfg.handshake_seconds);
     c->dead = true;
     progress(c);
 }
@@ -1331,7 +1334,7 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
         c->dead = true;
     }
     vd_log(VD_LOG_DEBUG, "%s: new connection", c->peer);
-    c->hs_timer = vd_loop_timer(loop, VD_NBD_HANDSHAKE_SECONDS * 1000ull, hs_timeout, c);
+    c->hs_timer = vd_loop_timer(loop, cfg.handshake_seconds * 1000ull, hs_timeout, c);
     progress(c);
 }
 

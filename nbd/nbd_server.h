@@ -141,6 +141,7 @@ struct vd_nbd_server_config {
     enum vd_nbd_tls tls;
     struct vd_nbd_tls_ctx *tls_ctx;     /* required unless tls == OFF */
     unsigned max_inflight;              /* 0: VD_NBD_MAX_INFLIGHT */
+    unsigned handshake_seconds;         /* 0: VD_NBD_HANDSHAKE_SECONDS */
     void (*on_idle)(void *opaque);      /* stdio mode: the last connection closed */
     void *on_idle_opaque;
 };

@@ -11,11 +11,14 @@
  *   --reconnect MS   survive back-end restarts (reconnect within MS)
  *   --expect FILE    write the image content `check` leaves (for qemu-img compare)
  *   --rate N         at most N requests a second (keeps a job running for a while)
+ *   --threads        random/sequential modes: one thread per queue (default: one
+ *                    thread drives every queue)
  * Exit status 0 when every request succeeded and every byte read was right. */
 #include <errno.h>
 #include <getopt.h>
 #include <inttypes.h>
 #include <poll.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -27,6 +30,8 @@
 #include "vdisk/opts.h"
 #include "vmm-glue/vhost_front.h"
 
+#define ADD(v, n) __atomic_add_fetch(&(v), (n), __ATOMIC_RELAXED)
+
 enum mode { M_FILL, M_VERIFY, M_CHECK, M_RANDREAD, M_RANDWRITE, M_SEQREAD, M_SEQWRITE, M_RESIZE };
 
 static struct {
@@ -34,11 +39,11 @@ static struct {
     unsigned queues, qd;
     uint64_t bs, size, seed;
     double runtime, rate;
-    bool json;
+    bool json, threads;
     int reconnect_ms;
     const char *expect;
     struct vd_vhu_opts fo;
-} cfg = { M_CHECK, 1, 16, 65536, 0, 1, 5.0, 0, false, 0, NULL, { 0 } };
+} cfg = { M_CHECK, 1, 16, 65536, 0, 1, 5.0, 0, false, false, 0, NULL, { 0 } };
 
 static struct vd_vhu *f;
 static uint8_t *bufs;
@@ -74,7 +79,7 @@ static bool check_pattern(uint64_t off, uint64_t len, const uint8_t *p)
     for (uint64_t i = 0; i < len; i += 8) {
         pattern(off + i, 8, want);
         if (memcmp(want, p + i, 8)) {
-            if (mismatches++ < 5)
+            if (ADD(mismatches, 1) <= 5)
                 fprintf(stderr, "vhost_io: mismatch at offset %" PRIu64 "\n", off + i);
             return false;
         }
@@ -88,7 +93,7 @@ struct slot { enum vd_vhu_op op; uint64_t off; uint32_t len; uint8_t *buf; bool 
 static struct slot *slots;            /* queues * qd */
 static uint64_t cursor, end, issued, done_ops, done_bytes;
 static double deadline;
-static uint64_t rng = 88172645463325252ull;
+static __thread uint64_t rng = 88172645463325252ull;
 static uint64_t lat_sum_ns;
 
 static uint64_t xorshift(void)
@@ -109,13 +114,14 @@ static bool next_req(struct slot *s)
         s->op = cfg.mode == M_RANDREAD ? VD_VHU_READ : VD_VHU_WRITE;
         break;
     default:
-        if (cursor >= end) {
-            if (!timed) return false;
-            cursor = 0;
+        if (timed) {            /* shared by the threads: wrap around */
+            s->off = __atomic_fetch_add(&cursor, cfg.bs, __ATOMIC_RELAXED) % (end / cfg.bs) * cfg.bs;
+        } else {
+            if (cursor >= end) return false;
+            s->off = cursor;
+            if (s->len > end - cursor) s->len = end - cursor;
+            cursor += s->len;
         }
-        s->off = cursor;
-        if (s->len > end - cursor) s->len = end - cursor;
-        cursor += s->len;
         s->op = cfg.mode == M_FILL || cfg.mode == M_SEQWRITE ? VD_VHU_WRITE : VD_VHU_READ;
         break;
     }
@@ -128,7 +134,7 @@ static int submit_slot(unsigned q, struct slot *s)
 {
     struct vd_vhu_io io = { s->op, s->off, s->len, s->buf, false, s };
     int rc = vd_vhu_submit(f, q, &io);
-    if (rc == 0) { s->busy = true; issued++; }
+    if (rc == 0) { s->busy = true; ADD(issued, 1); }
     return rc;
 }
 
@@ -136,13 +142,13 @@ static void finish(struct slot *s, int status)
 {
     s->busy = false;
     if (status != 0) {
-        if (errors++ < 5)
+        if (ADD(errors, 1) <= 5)
             fprintf(stderr, "vhost_io: op %d at %" PRIu64 " len %u: status %d\n",
                     s->op, s->off, s->len, status);
         return;
     }
-    done_ops++;
-    done_bytes += s->len;
+    ADD(done_ops, 1);
+    ADD(done_bytes, s->len);
     if (s->verify) check_pattern(s->off, s->len, s->buf);
 }
 
@@ -158,14 +164,14 @@ static int handle_loss(void)
     return 0;
 }
 
-/* Run the current job to the end over all queues. */
-static int run_job(void)
+/* Run the current job to the end over queues [q0, q0 + nq). */
+static int run_queues(unsigned q0, unsigned nq)
 {
     struct vd_vhu_done d[64];
     bool more = true;
-    unsigned nq = cfg.queues;
+    unsigned qend = q0 + nq;
     double t_start = now();
-    for (unsigned q = 0; q < nq && more; q++) {
+    for (unsigned q = q0; q < qend && more; q++) {
         for (unsigned i = 0; i < cfg.qd && more; i++) {
             struct slot *s = &slots[q * cfg.qd + i];
             if ((more = next_req(s))) submit_slot(q, s);
@@ -179,7 +185,7 @@ static int run_job(void)
             double ahead = issued / cfg.rate - (now() - t_start);
             if (ahead > 0) usleep(ahead * 1e6 < 20000 ? ahead * 1e6 : 20000);
         }
-        for (unsigned q = 0; q < nq; q++) {
+        for (unsigned q = q0; q < qend; q++) {
             int n = vd_vhu_reap(f, q, d, 64);
             got += n;
             for (int i = 0; i < n; i++) {
@@ -195,9 +201,9 @@ static int run_job(void)
         /* sleep until a queue has completions or the back-end goes away */
         struct pollfd p[65];
         bool ready = false;
-        for (unsigned q = 0; q < nq; q++) {
+        for (unsigned q = q0; q < qend; q++) {
             if (vd_vhu_arm(f, q)) ready = true;
-            p[q] = (struct pollfd){ vd_vhu_call_fd(f, q), POLLIN, 0 };
+            p[q - q0] = (struct pollfd){ vd_vhu_call_fd(f, q), POLLIN, 0 };
         }
         if (ready) continue;
         p[nq] = (struct pollfd){ vd_vhu_sock_fd(f), POLLIN, 0 };
@@ -207,10 +213,38 @@ static int run_job(void)
             if (p[q].revents) { uint64_t v; if (read(p[q].fd, &v, 8) < 0) {} }
         if (p[nq].revents) {
             char c;
-            if (recv(p[nq].fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) <= 0 && (rc = handle_loss()) < 0)
-                return rc;
+            if (recv(p[nq].fd, &c, 1, MSG_PEEK | MSG_DONTWAIT) <= 0) {
+                if (nq != cfg.queues) { fprintf(stderr, "vhost_io: the back-end went away\n"); return -EPIPE; }
+                if ((rc = handle_loss()) < 0) return rc;
+            }
         }
     }
+}
+
+struct thr { pthread_t t; unsigned q; int rc; };
+
+static void *thr_main(void *arg)
+{
+    struct thr *t = arg;
+    rng ^= 0x9e3779b97f4a7c15ull * (t->q + 1);
+    t->rc = run_queues(t->q, 1);
+    return NULL;
+}
+
+static int run_job(void)
+{
+    if (!cfg.threads || cfg.mode < M_RANDREAD || cfg.queues == 1) return run_queues(0, cfg.queues);
+    struct thr t[64];
+    int rc = 0;
+    for (unsigned q = 0; q < cfg.queues; q++) {
+        t[q].q = q;
+        if (pthread_create(&t[q].t, NULL, thr_main, &t[q]) != 0) return -EAGAIN;
+    }
+    for (unsigned q = 0; q < cfg.queues; q++) {
+        pthread_join(t[q].t, NULL);
+        if (t[q].rc < 0) rc = t[q].rc;
+    }
+    return rc;
 }
 
 /* One request, synchronously, on queue q. */
@@ -335,7 +369,7 @@ int main(int argc, char **argv)
         { "size", 1, 0, 's' }, { "runtime", 1, 0, 't' }, { "seed", 1, 0, 'S' }, { "json", 0, 0, 'j' },
         { "no-indirect", 0, 0, 'I' }, { "no-event-idx", 0, 0, 'E' }, { "no-inflight", 0, 0, 'F' },
         { "split-memory", 0, 0, 'M' }, { "reconnect", 1, 0, 'r' }, { "expect", 1, 0, 'x' },
-        { "queue-size", 1, 0, 'Q' }, { "rate", 1, 0, 'R' }, { 0 } };
+        { "queue-size", 1, 0, 'Q' }, { "rate", 1, 0, 'R' }, { "threads", 0, 0, 'T' }, { 0 } };
     static const char *modes[] = { "fill", "verify", "check", "randread", "randwrite", "seqread", "seqwrite", "resize-wait" };
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -362,6 +396,7 @@ int main(int argc, char **argv)
         case 'x': cfg.expect = optarg; break;
         case 'Q': cfg.fo.queue_size = atoi(optarg); break;
         case 'R': cfg.rate = atof(optarg); break;
+        case 'T': cfg.threads = true; break;
         default: return 2;
         }
     }

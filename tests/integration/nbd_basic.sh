@@ -93,7 +93,8 @@ assert h.pread(1048576, 1048576) == open('$T/blob', 'rb').read()
 check "systemd-socket-activate: served on the passed socket" bash -o pipefail -c "
 systemd-socket-activate -l '$T/act.sock' '$VDISKD' --log-level=warning --export 'file=$T/expect.raw,readonly=on' >/dev/null 2>'$T/act.log' &
 p=\$!; for i in \$(seq 100); do [ -S '$T/act.sock' ] && break; sleep 0.05; done
-n=\$(nbdinfo --size 'nbd+unix:///?socket=$T/act.sock'); kill \$p; wait \$p; [ \"\$n\" = 67108864 ]"
+n=; for i in \$(seq 50); do n=\$(nbdinfo --size 'nbd+unix:///?socket=$T/act.sock' 2>/dev/null) && break; sleep 0.1; done
+kill \$p; wait \$p; [ \"\$n\" = 67108864 ]"
 
 # ---- bad command lines ----
 check_fails "--export without file=" "$VDISKD" --nbd "unix:$T/x.sock" --export name=x

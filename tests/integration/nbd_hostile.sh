@@ -278,5 +278,25 @@ while IFS= read -r line; do
     esac
 done < <($PY "$T/hostile.py" "$S" "$pid" "$T/blob" 2>&1)
 
+# A client that never chooses an export is closed after --handshake-timeout;
+# one that did is left alone.
+cp "$T/disk.raw" "$T/disk2.raw"
+start_vdiskd t --nbd "unix:$T/t.sock" --handshake-timeout=1 --log-level=warning \
+    --export "name=disk,file=$T/disk2.raw,format=raw" || exit 1
+check "--handshake-timeout closes an idle handshake, not a served client" $PY - "$T/t.sock" <<'PYEOF'
+import socket, struct, sys, time, nbd
+s = socket.socket(socket.AF_UNIX); s.settimeout(10); s.connect(sys.argv[1])
+s.recv(18)
+t0 = time.time()
+h = nbd.NBD(); h.connect_unix(sys.argv[1])
+assert s.recv(100) == b'', 'idle handshake not closed'
+took = time.time() - t0
+assert 0.5 < took < 8, took
+time.sleep(1.5)
+assert len(h.pread(4096, 0)) == 4096
+h.shutdown()
+PYEOF
+stop_vdiskd t
+
 check "after all that, nbdcopy still round-trips" bash -o pipefail -c "nbdcopy 'nbd+unix:///disk?socket=$S' '$T/out.raw' && cmp '$T/out.raw' '$T/disk.raw'"
 stop_vdiskd d

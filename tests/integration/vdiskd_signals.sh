@@ -48,7 +48,8 @@ rm -f "$S" "$T/c.sock"
 systemd-socket-activate -l "$S" -l "$T/c.sock" --fdname=nbd:control "$VDISKD" 2>"$T/sa.log" &
 sa=$!
 on_exit "kill $sa 2>/dev/null"
-for i in $(seq 100); do [ -S "$T/c.sock" ] && break; sleep 0.05; done
+# The socket file appears at bind(), just before listen(): wait until it answers.
+for i in $(seq 100); do "$VDISK" ctl "$T/c.sock" query-version >/dev/null 2>&1 && break; sleep 0.05; done
 check "activation: export-add on the passed control socket" "$VDISK" ctl "$T/c.sock" export-add "name=z,file=$T/disk.raw,format=raw"
 check "activation: served on the passed NBD socket" nbdinfo --size "nbd+unix:///z?socket=$S"
 check "activation: quit" "$VDISK" ctl "$T/c.sock" quit

@@ -207,7 +207,7 @@ static void on_accept(struct vd_loop *loop, int fd, uint32_t events, void *opaqu
             setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
             char h[INET6_ADDRSTRLEN] = "?", p[16] = "?";
             getnameinfo((struct sockaddr *)&ss, len, h, sizeof h, p, sizeof p, NI_NUMERICHOST | NI_NUMERICSERV);
-            snprintf(j->peer, sizeof j->peer, "tcp:%s:%s", h, p);
+            snprintf(j->peer, sizeof j->peer, ss.ss_family == AF_INET6 ? "tcp:[%s]:%s" : "tcp:%s:%s", h, p);
         } else {
             snprintf(j->peer, sizeof j->peer, "%.80s#%lu", l->desc, l->accepted);
         }
