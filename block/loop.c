@@ -507,6 +507,23 @@ static struct {
     int nthreads;
 } pool = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0 };
 
+/* A child of fork() has none of the pool's threads: start afresh (jobs
+ * queued in the parent are the parent's business). */
+static void pool_after_fork_child(void)
+{
+    pthread_mutex_init(&pool.lock, NULL);
+    pthread_cond_init(&pool.cond, NULL);
+    pool.head = pool.tail = NULL;
+    pool.nthreads = 0;
+}
+
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static void pool_init_once(void)
+{
+    pthread_atfork(NULL, NULL, pool_after_fork_child);
+}
+
 static void job_done(void *opaque)
 {
     struct job *j = opaque;
@@ -549,6 +566,7 @@ void vd_loop_offload(struct vd_loop *l, vd_fn fn, vd_fn done, void *opaque)
         abort();
     *j = (struct job){ .fn = fn, .done = done, .opaque = opaque, .loop = l };
     atomic_fetch_add(&l->offloads, 1);
+    pthread_once(&pool_once, pool_init_once);
     pthread_mutex_lock(&pool.lock);
     if (pool.nthreads == 0) {
         int want = pool_size();

@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "vdisk/block.h"
@@ -121,19 +122,41 @@ static int vdisk_config_complete(void)
     "aio=<ENGINE>     io_uring, native or threads (default: the first that works).\n" \
     "discard=<MODE>   unmap (free space on trim, default) or ignore."
 
-/* Catch a missing or unreadable image before nbdkit starts serving. */
-static int vdisk_get_ready(void)
+struct trial {
+    int r;
+    char msg[512];
+};
+
+static void *trial_open(void *arg)
 {
+    struct trial *t = arg;
     struct vd_open_opts o = opts;
     o.readonly = true;
     o.nolock = true;
     struct vd_disk *d;
-    int r = vd_disk_open(filename, &o, &d);
-    if (r < 0) {
-        nbdkit_error("%s", vd_errmsg(r));
+    t->r = vd_disk_open(filename, &o, &d);
+    if (t->r < 0)
+        snprintf(t->msg, sizeof(t->msg), "%s", vd_errmsg(t->r));
+    else
+        vd_disk_close(d);
+    return NULL;
+}
+
+/* Catch a missing or unreadable image before nbdkit starts serving. The
+ * trial runs on a thread of its own so that the event loop it needs ends
+ * with it, before nbdkit forks into the background. */
+static int vdisk_get_ready(void)
+{
+    struct trial t = { 0 };
+    pthread_t th;
+    if (pthread_create(&th, NULL, trial_open, &t) != 0)
+        trial_open(&t);
+    else
+        pthread_join(th, NULL);
+    if (t.r < 0) {
+        nbdkit_error("%s", t.msg);
         return -1;
     }
-    vd_disk_close(d);
     return 0;
 }
 

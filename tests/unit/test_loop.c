@@ -7,10 +7,12 @@
 #include <cmocka.h>
 #include <errno.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 #include "vdisk/loop.h"
@@ -216,6 +218,38 @@ static void offload(void **s)
     assert_int_equal(c.left, 0);
 }
 
+/* After fork() the child has no pool threads: offload must still work. */
+static void offload_after_fork(void **s)
+{
+    struct vd_loop *l;
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+    struct off_ctx c = { .loop_thread = pthread_self(), .left = 1 };
+    vd_loop_offload(l, off_work, off_done, &c);     /* starts the pool here */
+    run_while(l, &c.left);
+    vd_loop_free(l);
+    pid_t pid = fork();
+    if (pid == 0) {
+        struct vd_loop *cl;
+        struct off_ctx cc = { .loop_thread = pthread_self(), .left = 3 };
+        if (vd_loop_new(VD_AIO_DEFAULT, &cl) < 0)
+            _exit(2);
+        for (int i = 0; i < 3; i++)
+            vd_loop_offload(cl, off_work, off_done, &cc);
+        for (int i = 0; i < 100 && cc.left; i++)
+            vd_loop_run_once(cl, 100);
+        _exit(cc.left == 0 && atomic_load(&cc.ran_elsewhere) == 3 ? 0 : 1);
+    }
+    int st = 0;
+    for (int i = 0; i < 300 && waitpid(pid, &st, WNOHANG) == 0; i++)
+        usleep(50000);
+    if (waitpid(pid, &st, WNOHANG) == 0) {     /* stuck: fail, do not hang */
+        kill(pid, SIGKILL);
+        waitpid(pid, &st, 0);
+    }
+    assert_true(WIFEXITED(st));
+    assert_int_equal(WEXITSTATUS(st), 0);
+}
+
 /* ---- fd watchers ---- */
 
 struct fd_ctx {
@@ -405,6 +439,7 @@ int main(void)
         cmocka_unit_test(timers),
         cmocka_unit_test(timer_rearm),
         cmocka_unit_test(offload),
+        cmocka_unit_test(offload_after_fork),
         cmocka_unit_test(fd_watch),
         cmocka_unit_test(fd_del_in_callback),
         cmocka_unit_test(nested),
