@@ -5,7 +5,8 @@
 #   qcow2 (zstd) -> raw, qcow2 -> qcow2.
 # Each case runs RUNS times per tool (RUNS_C for the compressing cases),
 # alternating tools; the median wall and CPU (user+sys) times are printed
-# with the output sizes and the ratios vdisk / qemu-img. qemu-img runs with
+# with the output sizes (allocated) and the ratios vdisk / qemu-img. Each
+# run starts after a sync. qemu-img runs with
 # -t writeback so that it flushes the target at the end as vdisk does.
 # Targets (2 cores): compressed converts <= 0.5x qemu-img's wall time,
 # the others <= 1.0x; output never larger.
@@ -28,6 +29,7 @@ cat "$dir/src.qcow2" "$dir/src-zstd.qcow2" > /dev/null
 one() {
     local out=$1 in=$2 t sz; shift 2
     rm -f "$out"
+    sync    # start each run without write-back left over from the previous one
     /usr/bin/time -o "$dir/time" -f '%e %U %S' "$@" "$in" "$out" > /dev/null
     t=$(tail -1 "$dir/time")
     sz=$(du -B1 "$out" | cut -f1)

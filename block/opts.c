@@ -144,21 +144,26 @@ int vd_opts_check_unused(const struct vd_opts *o)
 int vd_parse_size(const char *s, uint64_t *out)
 {
     static const char units[] = "bkmgtpe";
+    if (!s || *s < '0' || *s > '9')
+        return -EINVAL;             /* no sign, no space, no exponent forms */
     char *end;
-    if (!s || !*s || *s == '-' || *s == '+')
-        return -EINVAL;
     errno = 0;
-    /* integers exactly; a fraction only with a unit, as qemu accepts "1.5G" */
     unsigned long long ip = strtoull(s, &end, 10);
-    if (errno || end == s)
-        return -EINVAL;
-    double frac = 0;
+    if (errno)
+        return -ERANGE;
+    /* a fraction only with a unit, as qemu accepts "1.5G": plain digits */
+    uint64_t frac_num = 0, frac_den = 1;
     if (*end == '.') {
-        char *fend;
-        frac = strtod(end, &fend);
-        if (fend == end + 1)
+        end++;
+        if (*end < '0' || *end > '9')
             return -EINVAL;
-        end = fend;
+        while (*end >= '0' && *end <= '9') {
+            if (frac_den < 1000000000000ULL) {    /* 12 digits are plenty */
+                frac_num = frac_num * 10 + (uint64_t)(*end - '0');
+                frac_den *= 10;
+            }
+            end++;
+        }
     }
     int shift = 0;
     if (*end) {
@@ -166,14 +171,17 @@ int vd_parse_size(const char *s, uint64_t *out)
         if (!u || end[1])
             return -EINVAL;
         shift = 10 * (int)(u - units);
-    } else if (frac != 0) {
+    } else if (frac_den > 1) {
         return -EINVAL;
     }
     if (shift && ip > (UINT64_MAX >> shift))
         return -ERANGE;
     uint64_t v = (uint64_t)ip << shift;
-    if (frac != 0) {
-        double f = frac * (double)(1ULL << shift);
+    if (frac_num) {
+        /* frac_num / frac_den < 1, so this part is below 1 << shift */
+        unsigned __int128 f = ((unsigned __int128)frac_num << shift) / frac_den;
+        if (v > UINT64_MAX - (uint64_t)f)
+            return -ERANGE;
         v += (uint64_t)f;
     }
     if (v > (uint64_t)INT64_MAX)

@@ -151,21 +151,6 @@ int vd_export_add_opts(struct vd_opts *o, struct vd_export **out)
         goto fail;
     }
 
-    if (!oo.format) {
-        /* Probe; what no format claims is served as raw, as qemu-nbd does,
-         * with a warning since a guest could write a header into it. */
-        struct vd_file *f;
-        const struct vd_format *fmt;
-        if (vd_file_open(e->filename, VD_FILE_RDONLY | VD_FILE_NOLOCK, VD_CACHE_WRITEBACK, &f) == 0) {
-            if (vd_format_probe(f, &fmt) < 0) {
-                oo.format = "raw";
-                vd_log(VD_LOG_WARN, "export '%s': %s has no known image header; serving it as raw "
-                       "(say format=raw to silence this)", e->name, e->filename);
-            }
-            vd_file_close(f);
-        }
-        vd_err_clear();
-    }
     r = vd_disk_open(e->filename, &oo, &e->disk);
     if (r < 0) {
         vd_err_prefix(r, "export '%s'", e->name);

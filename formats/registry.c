@@ -94,7 +94,7 @@ int vd_format_probe(struct vd_file *file, const struct vd_format **out)
             return 0;
         }
         return vd_err(-EINVAL, "%s: unknown image format (no known header found); "
-                      "if this is a raw image, say so with -f raw", file->name);
+                      "if this is a raw image, say so (-f raw, or format=raw for an export)", file->name);
     }
     *out = best;
     return 0;

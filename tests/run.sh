@@ -15,8 +15,8 @@ pattern=${TESTS:-*}
 passed=0 failed=0
 logdir=build/test-logs; mkdir -p "$logdir"
 
-tally() {   # name log rc
-    local name=$1 log=$2 rc=$3 ok nok
+tally() {   # name log rc [seconds]
+    local name=$1 log=$2 rc=$3 secs=${4:-} ok nok
     ok=$(grep -cE '^ok ' "$log")
     nok=$(grep -cE '^not ok ' "$log")
     if [ "$rc" -ne 0 ] && [ "$nok" -eq 0 ]; then
@@ -26,7 +26,7 @@ tally() {   # name log rc
         nok=1; echo "not ok - $name ran no test" >> "$log"
     fi
     passed=$((passed + ok)); failed=$((failed + nok))
-    printf '%-40s %4d passed, %d failed\n' "$name" "$ok" "$nok"
+    printf '%-40s %4d passed, %d failed%s\n' "$name" "$ok" "$nok" "${secs:+  (${secs}s)}"
     if [ "$nok" -gt 0 ]; then grep -E '^not ok |^# ' "$log" | head -40 | sed 's/^/    /'; fi
 }
 
@@ -34,16 +34,18 @@ for t in "$VDISK_BUILD"/tests/test_*; do
     [ -x "$t" ] || continue
     name=$(basename "$t"); [[ $name == $pattern ]] || continue
     log=$logdir/$name.log
+    start=$SECONDS
     CMOCKA_MESSAGE_OUTPUT=TAP timeout 600 "$t" > "$log" 2>&1; rc=$?
-    tally "$name" "$log" $rc
+    tally "$name" "$log" $rc $((SECONDS - start))
 done
 
 for s in tests/integration/*.sh; do
     [ -f "$s" ] || continue
     name=$(basename "$s" .sh); [[ $name == $pattern ]] || continue
     log=$logdir/$name.log
+    start=$SECONDS
     timeout 900 bash "$s" > "$log" 2>&1; rc=$?
-    tally "$name" "$log" $rc
+    tally "$name" "$log" $rc $((SECONDS - start))
 done
 
 # Each fuzz target for a few seconds from its seed corpus: a crash fails it.

@@ -417,7 +417,12 @@ static int vhd_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_a
     a->file = l->file;
     uint64_t block_off;
     if (s->bat[blk] == VHD_BAT_UNUSED) {
-        block_off = s->next;
+        /* Place the block so that its data starts on a 4 KiB boundary: a
+         * page-aligned guest write then maps to whole host pages and a
+         * killed writer cannot leave it half-written across two pages. */
+        block_off = (s->next + s->bitmap_size + 4095) / 4096 * 4096 - s->bitmap_size;
+        if (block_off < s->next)
+            block_off += 4096;
         uint64_t block_bytes = (uint64_t)s->bitmap_size + s->block_size;
         /* The footer first, at the new end: the file grows and every byte
          * up to it reads as zeros; then the block's bitmap over the old
@@ -545,6 +550,12 @@ static int vhd_info(struct vd_layer *l, json_t *info)
     return 0;
 }
 
+static int cmp_u64(const void *a, const void *b)
+{
+    uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+    return x < y ? -1 : x > y;
+}
+
 static int vhd_check(struct vd_layer *l, unsigned fix, struct vd_check *c)
 {
     struct vhd *s = l->priv;
@@ -552,25 +563,28 @@ static int vhd_check(struct vd_layer *l, unsigned fix, struct vd_check *c)
     if (s->type == VHD_TYPE_FIXED)
         return 0;
     uint64_t bpb = (uint64_t)s->bitmap_size + s->block_size;
-    int64_t allocated = 0;
-    for (uint32_t i = 0; i < s->max_entries; i++) {
-        if (s->bat[i] == VHD_BAT_UNUSED)
-            continue;
-        allocated++;
-        uint64_t a = (uint64_t)s->bat[i] * VHD_SECTOR;
-        for (uint32_t j = i + 1; j < s->max_entries; j++) {
-            uint64_t b = (uint64_t)s->bat[j] * VHD_SECTOR;
-            if (s->bat[j] != VHD_BAT_UNUSED && a < b + bpb && b < a + bpb) {
-                vd_check_report(c, "ERROR BAT entries %u and %u overlap (offsets %llu, %llu)", i, j,
-                                (unsigned long long)a, (unsigned long long)b);
-                c->corruptions++;
-            }
-            if (j - i > 65536)
-                break;     /* bound the work on huge tables */
+    /* Blocks sorted by place: neighbours must not overlap. Each entry keeps
+     * its BAT index in the low 32 bits. */
+    uint64_t *v = malloc(((size_t)s->max_entries + 1) * sizeof(*v));
+    if (!v)
+        return -ENOMEM;
+    size_t n = 0;
+    for (uint32_t i = 0; i < s->max_entries; i++)
+        if (s->bat[i] != VHD_BAT_UNUSED)
+            v[n++] = (uint64_t)s->bat[i] << 32 | i;
+    qsort(v, n, sizeof(*v), cmp_u64);
+    for (size_t k = 1; k < n; k++) {
+        uint64_t a = (v[k - 1] >> 32) * VHD_SECTOR, b = (v[k] >> 32) * VHD_SECTOR;
+        if (b < a + bpb) {
+            vd_check_report(c, "ERROR BAT entries %u and %u overlap (offsets %llu, %llu)",
+                            (unsigned)v[k - 1], (unsigned)v[k], (unsigned long long)a,
+                            (unsigned long long)b);
+            c->corruptions++;
         }
     }
+    free(v);
     c->total_clusters = (l->size + s->block_size - 1) / s->block_size;
-    c->allocated_clusters = allocated;
+    c->allocated_clusters = (int64_t)n;
     c->image_end_offset = (int64_t)(s->next + VHD_FOOTER_SIZE);
     return 0;
 }

@@ -527,7 +527,7 @@ static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *b
     struct vmdk *s = l->priv;
     struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
     if (!e || !e->sp || !e->sp->compressed)
-        return -ENOTSUP;
+        return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
     if (e->access != VMDK_RW)
         return vd_err(-EPERM, "%s: offset %llu lies in a read-only extent", lname(l),
                       (unsigned long long)off);
@@ -543,6 +543,59 @@ static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *b
 }
 
 static struct vmdk_scratch *scratch_of(struct vmdk *s);
+
+/* convert -c: compression off the layer lock (any thread), then linking
+ * under it. The blob is the bare zlib stream; the marker needs the offset. */
+static int vmdk_compress(struct vd_layer *l, const void *in, size_t len, void *out, size_t *outlen)
+{
+    struct vmdk *s = l->priv;
+    uint64_t gb = 0;
+    for (size_t i = 0; i < s->next && !gb; i++)
+        if (s->ext[i].sp && s->ext[i].sp->compressed)
+            gb = s->ext[i].sp->grain * VMDK_SECTOR;
+    if (!gb || len > gb)
+        return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
+    return vd_vmdk_deflate(in, len, gb, out, *outlen, outlen);
+}
+
+static int vmdk_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *z, size_t zlen)
+{
+    struct vmdk *s = l->priv;
+    struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
+    if (!e || !e->sp || !e->sp->compressed)
+        return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
+    if (e->access != VMDK_RW)
+        return vd_err(-EPERM, "%s: offset %llu lies in a read-only extent", lname(l),
+                      (unsigned long long)off);
+    struct vmdk_sparse *sp = e->sp;
+    const char *en = e->path ? e->path : lname(l);
+    uint64_t gb = sp->grain * VMDK_SECTOR, rel = off - e->start * VMDK_SECTOR, g = rel / gb;
+    if (rel % gb)
+        return vd_err(-EINVAL, "%s: compressed write at %llu is not grain-aligned", lname(l),
+                      (unsigned long long)off);
+    int r = touch_cid(l, s);
+    if (r < 0)
+        return r;
+    uint32_t gte;
+    r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
+    if (r < 0)
+        return r;
+    if (gte != 0)
+        return vd_err(-EPERM, "%s: streamOptimized VMDK is append-only: grain at offset %llu is "
+                      "already written (convert the image to change it)", lname(l),
+                      (unsigned long long)off);
+    r = vd_vmdk_stream_begin(en, e->file, sp);
+    if (r < 0)
+        return r;
+    uint8_t *blob;
+    size_t blen;
+    r = vd_vmdk_frame_grain(g * sp->grain, z, zlen, &blob, &blen);
+    if (r < 0)
+        return r;
+    r = vd_vmdk_stream_append(en, e->file, sp, g, blob, blen);
+    free(blob);
+    return r;
+}
 
 static int vmdk_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_alloc *a)
 {
@@ -772,6 +825,12 @@ static int vmdk_info(struct vd_layer *l, json_t *info)
                              "create-type", s->desc.create_type, "extents", ext);
     json_object_set_new(info, "format-specific", json_pack("{s:s, s:o}", "type", "vmdk", "data", data));
     json_object_set_new(info, "provisioning", json_string(provisioning(l, s)));
+    /* Disk size counts every extent file, as qemu-img's does. */
+    uint64_t alloc = vd_file_allocated_bytes(l->file);
+    for (size_t i = 0; i < s->next; i++)
+        if (s->ext[i].file && s->ext[i].file != l->file)
+            alloc += vd_file_allocated_bytes(s->ext[i].file);
+    json_object_set_new(info, "actual-size", json_integer((json_int_t)alloc));
     return 0;
 }
 
@@ -812,6 +871,60 @@ static int vmdk_check(struct vd_layer *l, unsigned fix, struct vd_check *c)
     return 0;
 }
 
+/* rebase: a new parent (its CID becomes parentCID) or none. */
+static int vmdk_set_backing(struct vd_layer *l, const char *name, const char *fmt)
+{
+    struct vmdk *s = l->priv;
+    char cid[16];
+    uint32_t pcid = 0xFFFFFFFFu;
+    int r;
+    if (name) {
+        if (fmt && strcmp(fmt, "vmdk"))
+            return vd_err(-ENOTSUP, "%s: a VMDK delta disk needs a VMDK parent, not %s", lname(l), fmt);
+        char *path = extent_path(lname(l), name), *text = NULL;
+        size_t len = 0;
+        bool emb;
+        struct vd_file *f;
+        if (!path)
+            return -ENOMEM;
+        r = vd_file_open(path, VD_FILE_RDONLY | VD_FILE_NOLOCK, VD_CACHE_WRITEBACK, &f);
+        if (r < 0) {
+            r = vd_err(r, "%s: cannot open the new parent %s", lname(l), path);
+            free(path);
+            return r;
+        }
+        r = vd_vmdk_read_desc(path, f, &text, &len, &emb);
+        vd_file_close(f);
+        struct vmdk_desc pd;
+        if (r >= 0 && text)
+            r = vd_vmdk_desc_parse(path, text, len, &pd);
+        else if (r >= 0)
+            r = vd_err(-EINVAL, "%s: the new parent %s has no descriptor", lname(l), path);
+        free(text);
+        free(path);
+        if (r < 0)
+            return r;
+        pcid = pd.cid;
+        vd_vmdk_desc_free(&pd);
+        r = vd_vmdk_desc_set(&s->desc, "parentFileNameHint", name, true);
+        if (r < 0)
+            return r;
+    }
+    snprintf(cid, sizeof(cid), "%08x", pcid);
+    r = vd_vmdk_desc_set(&s->desc, "parentCID", cid, false);
+    if (r < 0)
+        return r;
+    s->desc.parent_cid = pcid;
+    r = write_desc(l, s);
+    if (r < 0)
+        return r;
+    free(l->backing_name);
+    free(l->backing_fmt);
+    l->backing_name = name ? strdup(name) : NULL;
+    l->backing_fmt = name ? strdup("vmdk") : NULL;
+    return 0;
+}
+
 static const struct vd_create_opt_desc vmdk_create_opts[] = {
     { "subformat", "monolithicSparse (default), monolithicFlat, twoGbMaxExtentSparse, "
                    "twoGbMaxExtentFlat, streamOptimized, vmfs, vmfsThin" },
@@ -836,9 +949,12 @@ const struct vd_format vd_format_vmdk = {
     .commit = vmdk_commit,
     .read_compressed = vmdk_read_compressed,
     .write_compressed = vmdk_write_compressed,
+    .compress = vmdk_compress,
+    .write_compressed_raw = vmdk_write_compressed_raw,
     .flush = vmdk_flush,
     .check = vmdk_check,
     .info = vmdk_info,
     .backing_opened = vmdk_backing_opened,
+    .set_backing = vmdk_set_backing,
     .create_opts = vmdk_create_opts,
 };

@@ -178,6 +178,11 @@ int  vd_vmdk_stream_begin(const char *name, struct vd_file *f, struct vmdk_spars
  * marker header into a malloc'ed blob padded to a sector. Pure: no state. */
 int  vd_vmdk_compress_grain(const void *data, size_t len, size_t grain_bytes, uint64_t lba,
                          uint8_t **blob, size_t *blob_len);
+/* zlib-compress one grain (padded to grain_bytes) into out; -ENOSPC when
+ * it does not fit cap. Thread-safe. */
+int  vd_vmdk_deflate(const void *in, size_t len, size_t grain_bytes, void *out, size_t cap, size_t *n);
+/* A grain marker (lba, size) + the zlib stream, padded to a sector. */
+int  vd_vmdk_frame_grain(uint64_t lba, const void *z, size_t zlen, uint8_t **blob, size_t *blob_len);
 /* Append a compressed grain blob for grain g and link it in memory. */
 int  vd_vmdk_stream_append(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g,
                         const uint8_t *blob, size_t blob_len);

@@ -37,6 +37,40 @@ static struct libdeflate_compressor *compressor(void)
     return c;
 }
 
+int vd_vmdk_deflate(const void *in, size_t len, size_t grain_bytes, void *out, size_t cap, size_t *n)
+{
+    struct libdeflate_compressor *c = compressor();
+    if (!c)
+        return -ENOMEM;
+    const void *src = in;
+    uint8_t *pad = NULL;
+    if (len < grain_bytes) {
+        pad = calloc(1, grain_bytes);
+        if (!pad)
+            return -ENOMEM;
+        memcpy(pad, in, len);
+        src = pad;
+    }
+    *n = libdeflate_zlib_compress(c, src, grain_bytes, out, cap);
+    free(pad);
+    return *n ? 0 : -ENOSPC;
+}
+
+int vd_vmdk_frame_grain(uint64_t lba, const void *z, size_t zlen, uint8_t **blob, size_t *blob_len)
+{
+    size_t total = (12 + zlen + VMDK_SECTOR - 1) / VMDK_SECTOR * VMDK_SECTOR;
+    uint8_t *out = malloc(total);
+    if (!out)
+        return -ENOMEM;
+    put_le64(out, lba);
+    put_le32(out + 8, (uint32_t)zlen);
+    memcpy(out + 12, z, zlen);
+    memset(out + 12 + zlen, 0, total - 12 - zlen);
+    *blob = out;
+    *blob_len = total;
+    return 0;
+}
+
 int vd_vmdk_compress_grain(const void *data, size_t len, size_t grain_bytes, uint64_t lba,
                         uint8_t **blob, size_t *blob_len)
 {

@@ -34,10 +34,10 @@ ctl() { "$T/ctl" "$@"; }
 export -f ctl
 export T
 
-truncate -s 32M "$T/a.raw" "$T/b.raw"
+truncate -s 32M "$T/a.raw" "$T/b.raw" "$T/v0.raw"
 rand_file "$T/blob" 1 seedc
 dd if="$T/blob" of="$T/a.raw" bs=1M seek=1 conv=notrunc status=none
-start_vdiskd d --nbd "unix:$S" --control "$C" --export "name=a,file=$T/a.raw" || exit 1
+start_vdiskd d --nbd "unix:$S" --control "$C" --export "name=a,file=$T/a.raw,format=raw" || exit 1
 
 # An event listener that records everything it is sent.
 $PY - "$C" > "$T/events.log" <<'PYEOF' &
@@ -67,7 +67,7 @@ for i in $(seq 100); do grep -q connected "$T/client.log" && break; sleep 0.05; 
 
 check "query-version" bash -o pipefail -c "ctl query-version | jq -e '.return.program == \"vdiskd\"'"
 check "export-add b while a client is connected to a" bash -o pipefail -c \
-    "ctl export-add '{\"name\":\"b\",\"file\":\"$T/b.raw\",\"description\":\"second\"}' | jq -e '.return.name == \"b\" and .return.\"virtual-size\" == 33554432'"
+    "ctl export-add '{\"name\":\"b\",\"file\":\"$T/b.raw\",\"format\":\"raw\",\"description\":\"second\"}' | jq -e '.return.name == \"b\" and .return.\"virtual-size\" == 33554432'"
 check "export-add with readonly and format" bash -o pipefail -c \
     "ctl export-add '{\"name\":\"c\",\"file\":\"$T/blob\",\"readonly\":true,\"format\":\"raw\"}' | jq -e '.return.readonly == true'"
 check "query-exports lists a, b, c" bash -o pipefail -c "ctl query-exports | jq -e '[.return[].name] == [\"a\",\"b\",\"c\"]'"
@@ -78,11 +78,12 @@ check "query-stats: operations, bytes, latency percentiles" bash -o pipefail -c 
     "ctl query-stats '{\"name\":\"a\"}' | jq -e '.return[0].read.operations > 0 and .return[0].read.bytes >= 4096 and .return[0].read.\"latency-us\".p99 >= .return[0].read.\"latency-us\".p50 and .return[0].connections == 1'"
 check "query-stats counts writes on b" bash -o pipefail -c "ctl query-stats '{\"name\":\"b\"}' | jq -e '.return[0].write.bytes == 1048576'"
 
-check_fails "export-add: duplicate name" ctl export-add "{\"name\":\"b\",\"file\":\"$T/b.raw\"}"
+check_fails "export-add: duplicate name" ctl export-add "{\"name\":\"b\",\"file\":\"$T/b.raw\",\"format\":\"raw\"}"
 check_fails "export-add: missing file" ctl export-add "{\"name\":\"x\",\"file\":\"$T/nosuch\"}"
-check_fails "export-add: image already open (locked)" ctl export-add "{\"name\":\"y\",\"file\":\"$T/a.raw\"}"
-check_fails "export-add: unknown option" ctl export-add "{\"name\":\"z\",\"file\":\"$T/b.raw\",\"bogus\":1}"
-check_fails "export-add: unknown type" ctl export-add "{\"name\":\"z\",\"file\":\"$T/b.raw\",\"type\":\"carrier-pigeon\"}"
+check_fails "export-add: image already open (locked)" ctl export-add "{\"name\":\"y\",\"file\":\"$T/a.raw\",\"format\":\"raw\"}"
+check_fails "export-add: a raw image without format=raw is refused" ctl export-add "{\"name\":\"w\",\"file\":\"$T/v0.raw\"}"
+check_fails "export-add: unknown option" ctl export-add "{\"name\":\"z\",\"file\":\"$T/b.raw\",\"format\":\"raw\",\"bogus\":1}"
+check_fails "export-add: unknown type" ctl export-add "{\"name\":\"z\",\"file\":\"$T/b.raw\",\"format\":\"raw\",\"type\":\"carrier-pigeon\"}"
 check_fails "unknown command" ctl no-such-command
 check_fails "export-del: unknown export" ctl export-del '{"name":"nosuch"}'
 check "garbage on the control socket gets an error, the daemon lives on" bash -o pipefail -c \
@@ -95,7 +96,7 @@ check "the connected client was disconnected" grep -q disconnected "$T/client.lo
 check "query-exports no longer lists a" bash -o pipefail -c "ctl query-exports | jq -e '[.return[].name] == [\"b\",\"c\"]'"
 check_fails "a is gone for new clients" nbdinfo --size "nbd+unix:///a?socket=$S"
 check "a's image is closed and unlocked: it can be added again" bash -o pipefail -c \
-    "ctl export-add '{\"name\":\"a2\",\"file\":\"$T/a.raw\"}' >/dev/null && cmp <(nbdcopy 'nbd+unix:///a2?socket=$S' - ) '$T/a.raw'"
+    "ctl export-add '{\"name\":\"a2\",\"file\":\"$T/a.raw\",\"format\":\"raw\"}' >/dev/null && cmp <(nbdcopy 'nbd+unix:///a2?socket=$S' - ) '$T/a.raw'"
 check "b still serves" bash -o pipefail -c "nbdcopy 'nbd+unix:///b?socket=$S' '$T/bout.raw' && cmp <(head -c 1M '$T/bout.raw') '$T/blob'"
 check "events: EXPORT_ADDED and EXPORT_DELETED were broadcast" bash -o pipefail -c \
     "grep -q '\"event\":\"EXPORT_ADDED\".*\"name\":\"b\"' '$T/events.log' && grep -q '\"event\":\"EXPORT_DELETED\".*\"name\":\"a\"' '$T/events.log'"
@@ -103,7 +104,7 @@ check "events: EXPORT_ADDED and EXPORT_DELETED were broadcast" bash -o pipefail 
 # The same through the CLI client.
 truncate -s 8M "$T/v.raw"
 check "vdisk ctl export-add with key=value arguments" bash -o pipefail -c \
-    "'$VDISK' ctl '$C' export-add name=v,file='$T/v.raw',readonly=on | jq -e '.readonly == true and .name == \"v\"'"
+    "'$VDISK' ctl '$C' export-add name=v,file='$T/v.raw',format=raw,readonly=on | jq -e '.readonly == true and .name == \"v\"'"
 check "vdisk ctl query-exports prints the list" bash -o pipefail -c \
     "'$VDISK' ctl '$C' query-exports | jq -e '[.[].name] | index(\"v\") != null'"
 check "vdisk ctl with a JSON object" bash -o pipefail -c \

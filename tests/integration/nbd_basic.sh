@@ -14,7 +14,7 @@ dd if="$T/blob" of="$T/sparse.raw" bs=1M seek=1 conv=notrunc status=none
 dd if="$T/blob" of="$T/sparse.raw" bs=1M seek=5 conv=notrunc status=none
 cp --sparse=always "$T/sparse.raw" "$T/expect.raw"
 
-start_vdiskd d --nbd "unix:$S" --export "name=disk,file=$T/sparse.raw,description=test disk" \
+start_vdiskd d --nbd "unix:$S" --export "name=disk,file=$T/sparse.raw,format=raw,description=test disk" \
     --threads 2 || exit 1
 
 # ---- nbdinfo ----
@@ -68,7 +68,7 @@ check "qemu-io: write -z -u (may unmap) reads back zeros" qemu-io -f raw -c 'wri
 # ---- read-only export and a second listener over TCP ----
 port=$((20000 + RANDOM % 20000))
 cp "$T/expect.raw" "$T/ro.raw"
-start_vdiskd r --nbd "tcp:127.0.0.1:$port" --export "file=$T/ro.raw,readonly=on" || exit 1
+start_vdiskd r --nbd "tcp:127.0.0.1:$port" --export "file=$T/ro.raw,format=raw,readonly=on" || exit 1
 R="nbd://127.0.0.1:$port/ro.raw"
 rinfo=$(nbdinfo --json "$R")
 jq_is "TCP: read-only export is flagged read-only" "$rinfo" '.exports[0].is_read_only' true
@@ -77,32 +77,36 @@ check_fails "read-only export refuses writes" qemu-io -f raw -c 'write -P 1 0 40
 check "the read-only image is unchanged" cmp "$T/ro.raw" "$T/expect.raw"
 
 # ---- image locking ----
-out=$("$VDISKD" --nbd "unix:$T/other.sock" --export "file=$T/sparse.raw" 2>&1); rc=$?
+out=$("$VDISKD" --nbd "unix:$T/other.sock" --export "file=$T/sparse.raw,format=raw" 2>&1); rc=$?
 if [ $rc -ne 0 ] && grep -qi 'lock' <<<"$out" && ! grep -qE 'Sanitizer|runtime error' <<<"$out"; then
     ok "a second vdiskd on the same image fails with a clear message"
 else fail "a second vdiskd on the same image fails with a clear message" "rc $rc: $out"; fi
 
 # ---- stdio and socket activation ----
 check "nbdinfo [ vdiskd --stdio ] (socket activation)" bash -o pipefail -c \
-    "[ \"\$(nbdinfo --size -- [ '$VDISKD' --stdio --log-level=warning --export 'file=$T/expect.raw,readonly=on' ])\" = 67108864 ]"
+    "[ \"\$(nbdinfo --size -- [ '$VDISKD' --stdio --log-level=warning --export 'file=$T/expect.raw,format=raw,readonly=on' ])\" = 67108864 ]"
 check "nbdsh connect_command: vdiskd --stdio on stdin/stdout" nbdsh -c "
-h.connect_command(['$VDISKD', '--stdio', '--log-level=warning', '--export', 'file=$T/expect.raw,readonly=on'])
+h.connect_command(['$VDISKD', '--stdio', '--log-level=warning', '--export', 'file=$T/expect.raw,format=raw,readonly=on'])
 assert h.get_size() == 67108864
 assert h.pread(1048576, 1048576) == open('$T/blob', 'rb').read()
 "
 check "systemd-socket-activate: served on the passed socket" bash -o pipefail -c "
-systemd-socket-activate -l '$T/act.sock' '$VDISKD' --log-level=warning --export 'file=$T/expect.raw,readonly=on' >/dev/null 2>'$T/act.log' &
+systemd-socket-activate -l '$T/act.sock' '$VDISKD' --log-level=warning --export 'file=$T/expect.raw,format=raw,readonly=on' >/dev/null 2>'$T/act.log' &
 p=\$!; for i in \$(seq 100); do [ -S '$T/act.sock' ] && break; sleep 0.05; done
 n=; for i in \$(seq 50); do n=\$(nbdinfo --size 'nbd+unix:///?socket=$T/act.sock' 2>/dev/null) && break; sleep 0.1; done
 kill \$p; wait \$p; [ \"\$n\" = 67108864 ]"
 
 # ---- bad command lines ----
 check_fails "--export without file=" "$VDISKD" --nbd "unix:$T/x.sock" --export name=x
-check_fails "--export of a missing file" "$VDISKD" --nbd "unix:$T/x.sock" --export "file=$T/nosuch.raw"
-check_fails "--export with an unknown option" "$VDISKD" --nbd "unix:$T/x.sock" --export "file=$T/expect.raw,readonly=on,bogus=1"
-check_fails "--tls=maybe" "$VDISKD" --tls=maybe --export "file=$T/expect.raw"
-check_fails "--nbd with a bad address" "$VDISKD" --nbd "udp:1" --export "file=$T/expect.raw,readonly=on"
-check_fails "--nbd on a socket another server holds" "$VDISKD" --nbd "unix:$S" --export "file=$T/expect.raw,readonly=on"
+# Raw is never guessed: a guest could write an image header into its disk.
+out=$("$VDISKD" --nbd "unix:$T/x.sock" --export "file=$T/expect.raw,readonly=on" 2>&1); rc=$?
+if [ $rc -ne 0 ] && grep -q "format=raw" <<<"$out"; then ok "a raw image without format=raw is refused, naming format=raw"
+else fail "a raw image without format=raw is refused, naming format=raw" "rc $rc: $out"; fi
+check_fails "--export of a missing file" "$VDISKD" --nbd "unix:$T/x.sock" --export "file=$T/nosuch.raw,format=raw"
+check_fails "--export with an unknown option" "$VDISKD" --nbd "unix:$T/x.sock" --export "file=$T/expect.raw,format=raw,readonly=on,bogus=1"
+check_fails "--tls=maybe" "$VDISKD" --tls=maybe --export "file=$T/expect.raw,format=raw"
+check_fails "--nbd with a bad address" "$VDISKD" --nbd "udp:1" --export "file=$T/expect.raw,format=raw,readonly=on"
+check_fails "--nbd on a socket another server holds" "$VDISKD" --nbd "unix:$S" --export "file=$T/expect.raw,format=raw,readonly=on"
 check "vdiskd --help" bash -o pipefail -c "'$VDISKD' --help | grep -q -- '--export'"
 
 nbdcopy "$U" "$T/final.raw"

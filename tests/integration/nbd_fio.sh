@@ -7,7 +7,7 @@ source "$VDISK_ROOT/tests/helpers/nbd_common.bash"
 truncate -s 128M "$T/a.raw"
 truncate -s 128M "$T/b.raw"
 start_vdiskd d --nbd "unix:$T/s.sock" --threads 2 --log-level=warning \
-    --export "name=a,file=$T/a.raw" --export "name=b,file=$T/b.raw,cache=none" || exit 1
+    --export "name=a,file=$T/a.raw,format=raw" --export "name=b,file=$T/b.raw,format=raw,cache=none" || exit 1
 
 runfio() {   # NAME EXPORT RW BS DEPTH JOBS
     local out

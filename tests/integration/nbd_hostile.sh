@@ -11,7 +11,7 @@ S=$T/nbd.sock
 truncate -s 256M "$T/disk.raw"
 rand_file "$T/blob" 1 seedh
 dd if="$T/blob" of="$T/disk.raw" bs=1M seek=3 conv=notrunc status=none
-start_vdiskd d --nbd "unix:$S" --threads 2 --log-level=warning --export "name=disk,file=$T/disk.raw" || exit 1
+start_vdiskd d --nbd "unix:$S" --threads 2 --log-level=warning --export "name=disk,file=$T/disk.raw,format=raw" || exit 1
 pid=$d_pid
 
 cat > "$T/hostile.py" <<'PYEOF'

@@ -10,8 +10,8 @@ rand_file "$T/blob" 1 seedp
 dd if="$T/blob" of="$T/disk.raw" bs=1M seek=2 conv=notrunc status=none
 cp "$T/disk.raw" "$T/ro.raw"
 start_vdiskd d --nbd "unix:$S" --threads 2 \
-    --export "name=rw,file=$T/disk.raw,discard=unmap" \
-    --export "name=ro,file=$T/ro.raw,readonly=on" || exit 1
+    --export "name=rw,file=$T/disk.raw,format=raw,discard=unmap" \
+    --export "name=ro,file=$T/ro.raw,format=raw,readonly=on" || exit 1
 
 # Each case prints "PASS name" or "FAIL name: why"; turned into TAP below.
 cat > "$T/cases.py" <<'PYEOF'

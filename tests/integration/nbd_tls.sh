@@ -33,7 +33,7 @@ cp "$T/disk.raw" "$T/disk3.raw"
 # X.509, TLS required, client certificates verified.
 start_vdiskd x --nbd "unix:$T/x.sock" --tls=require --tls-cert "$P/server-cert.pem" \
     --tls-key "$P/server-key.pem" --tls-ca "$P/ca-cert.pem" --tls-verify-peer \
-    --export "name=disk,file=$T/disk.raw" || exit 1
+    --export "name=disk,file=$T/disk.raw,format=raw" || exit 1
 X="nbds+unix:///disk?socket=$T/x.sock&tls-certificates=$P"
 info=$(nbdinfo --json "$X")
 jq_is "X.509: nbdinfo over TLS" "$info" '.TLS' true
@@ -51,7 +51,7 @@ check_fails "X.509: a client with PSK credentials is refused" nbdinfo --size \
 
 # X.509, TLS optional (--tls=on): both kinds of clients.
 start_vdiskd o --nbd "unix:$T/o.sock" --tls=on --tls-cert "$P/server-cert.pem" \
-    --tls-key "$P/server-key.pem" --export "name=disk,file=$T/disk3.raw,readonly=on" || exit 1
+    --tls-key "$P/server-key.pem" --export "name=disk,file=$T/disk3.raw,format=raw,readonly=on" || exit 1
 check "--tls=on: a plain client is served" nbdinfo --size "nbd+unix:///disk?socket=$T/o.sock"
 check "--tls=on: a TLS client (no client certificate needed) is served" \
     bash -o pipefail -c "nbdinfo --json 'nbds+unix:///disk?socket=$T/o.sock&tls-certificates=$T/nocert' | jq -e '.TLS == true'"
@@ -59,7 +59,7 @@ check "--tls=on: a TLS client (no client certificate needed) is served" \
 # PSK, TLS required.
 cp "$T/disk.raw" "$T/disk4.raw"
 start_vdiskd p --nbd "unix:$T/p.sock" --tls=require --tls-psk-file "$T/pskdir/keys.psk" \
-    --export "name=disk,file=$T/disk4.raw" || exit 1
+    --export "name=disk,file=$T/disk4.raw,format=raw" || exit 1
 Q="nbds+unix://alice@/disk?socket=$T/p.sock&tls-psk-file=$T/pskdir/keys.psk"
 check "PSK: nbdcopy round trip" bash -o pipefail -c "nbdcopy '$Q' '$T/out4.raw' && cmp '$T/out4.raw' '$T/disk4.raw'"
 check "PSK: qemu-io through qemu's TLS client" qemu-io \
@@ -71,8 +71,8 @@ check_fails "PSK: a wrong key is refused" nbdinfo --size \
 check_fails "PSK: a client without TLS is refused" nbdinfo --size "nbd+unix:///disk?socket=$T/p.sock"
 
 # Bad TLS configuration is reported, not half-started.
-check_fails "--tls=require without credentials" "$VDISKD" --tls=require --nbd "unix:$T/bad.sock" --export "file=$T/disk.raw"
-check_fails "--tls-cert that does not exist" "$VDISKD" --tls-cert "$T/none.pem" --tls-key "$T/none.pem" --nbd "unix:$T/bad.sock" --export "file=$T/disk.raw"
-check_fails "--tls-psk-file with junk" bash -o pipefail -c "echo 'alice:xyz' > '$T/junk.psk'; '$VDISKD' --tls-psk-file '$T/junk.psk' --nbd 'unix:$T/bad.sock' --export 'file=$T/disk.raw'"
+check_fails "--tls=require without credentials" "$VDISKD" --tls=require --nbd "unix:$T/bad.sock" --export "file=$T/disk.raw,format=raw"
+check_fails "--tls-cert that does not exist" "$VDISKD" --tls-cert "$T/none.pem" --tls-key "$T/none.pem" --nbd "unix:$T/bad.sock" --export "file=$T/disk.raw,format=raw"
+check_fails "--tls-psk-file with junk" bash -o pipefail -c "echo 'alice:xyz' > '$T/junk.psk'; '$VDISKD' --tls-psk-file '$T/junk.psk' --nbd 'unix:$T/bad.sock' --export 'file=$T/disk.raw',format=raw"
 
 for d in x o p; do alive $d "nbd+unix:///disk?socket=$T/o.sock" >/dev/null; stop_vdiskd $d; done

@@ -7,7 +7,18 @@ source "$(dirname "$0")/../lib.sh"
 source "$VDISK_ROOT/tests/helpers/nbd_common.bash"
 
 CLUSTER=$VDISK_ROOT/tests/rbd/cluster.sh
-on_exit "$CLUSTER stop $T/ceph >/dev/null 2>&1"
+# Cleanups run in order: this one first stops what may still use the
+# cluster (a daemon closing against a stopped cluster would wait for its
+# timeout), then the cluster.
+rbd_cleanup() {
+    local v p
+    for v in a b c d f g v holder holder2; do
+        p=$(eval echo "\${${v}_pid:-\${$v:-}}")
+        [ -n "$p" ] && kill -9 "$p" 2>/dev/null
+    done
+    "$CLUSTER" stop "$T/ceph" > /dev/null 2>&1
+}
+on_exit rbd_cleanup
 if ! CONF=$(RBD_CLUSTER_TIMEOUT=90 "$CLUSTER" start "$T/ceph" rbd 2> "$T/cluster.err"); then
     fail "throwaway Ceph cluster starts" "$(tail -n 20 "$T/cluster.err" | tr '\n' ' ')"
     exit 1

@@ -12,7 +12,7 @@ U="nbd+unix:///?socket=$S"
 head -c 65536 /dev/zero | tr '\0' K > "$T/k.bin"
 
 for sig in TERM INT; do
-    start_vdiskd d --nbd "unix:$S" --export "file=$T/disk.raw" || exit 1
+    start_vdiskd d --nbd "unix:$S" --export "file=$T/disk.raw,format=raw" || exit 1
     # A flushed write must survive; then a big copy is cut off by the signal.
     nbdsh -u "$U" -c "h.pwrite(b'K' * 65536, 100 << 20); h.flush()"
     nbdcopy --connections=4 "$T/src.raw" "$U" 2>/dev/null &
@@ -32,16 +32,16 @@ for sig in TERM INT; do
 done
 
 # The lock went with the process: the image opens again at once.
-start_vdiskd e --nbd "unix:$S" --export "file=$T/disk.raw" || exit 1
+start_vdiskd e --nbd "unix:$S" --export "file=$T/disk.raw,format=raw" || exit 1
 check "the image can be served again after shutdown" nbdinfo --size "$U"
 stop_vdiskd e
 
 # Logging to syslog keeps stderr quiet.
-start_vdiskd f --nbd "unix:$S" --log=syslog --log-level=debug --export "file=$T/disk.raw" || exit 1
+start_vdiskd f --nbd "unix:$S" --log=syslog --log-level=debug --export "file=$T/disk.raw,format=raw" || exit 1
 nbdinfo --size "$U" >/dev/null
 stop_vdiskd f
 check "--log=syslog writes nothing to stderr" bash -o pipefail -c "[ ! -s '$T/f.log' ]"
-check_fails "--log-level=loud is refused" "$VDISKD" --log-level=loud --export "file=$T/disk.raw"
+check_fails "--log-level=loud is refused" "$VDISKD" --log-level=loud --export "file=$T/disk.raw,format=raw"
 
 # systemd socket activation with a named control socket and no --export.
 rm -f "$S" "$T/c.sock"

@@ -56,3 +56,18 @@ check "restoring the parent restores the chain" "$VDISK" io -r -c "read 0 512" "
 check_fails "vhd over a non-vhd parent refused" "$VDISK" create -q -f vhd -b "$T/base.vmdk" -F vmdk "$T/x.vhd"
 check_fails "vmdk delta over a non-vmdk parent refused" "$VDISK" create -q -f vmdk -b "$T/base.vhd" -F vhd "$T/x.vmdk"
 check_fails "vmdk delta of another size refused" "$VDISK" create -q -f vmdk -b base.vmdk "$T/y.vmdk" 10M
+
+# rebase: -u rewrites parentFileNameHint and parentCID (the new parent's CID);
+# a safe rebase copies what differs first
+"$VDISK" create -q -f vmdk "$T/p1.vmdk" 8M
+"$VDISK" io -c "write -P 0x61 0 64k" "$T/p1.vmdk" >/dev/null
+"$VDISK" convert -O vmdk "$T/p1.vmdk" "$T/p2.vmdk"
+"$VDISK" create -q -f vmdk -b p1.vmdk -F vmdk "$T/ch.vmdk"
+"$VDISK" io -c "write -P 0x62 1M 64k" "$T/ch.vmdk" >/dev/null
+check "rebase -u onto a copy of the parent" "$VDISK" rebase -u -b p2.vmdk -F vmdk "$T/ch.vmdk"
+[ "$(grep -a '^parentCID' "$T/ch.vmdk" | cut -d= -f2)" = "$(grep -a '^CID' "$T/p2.vmdk" | cut -d= -f2)" ] \
+    && ok "parentCID is the new parent's CID" || fail "parentCID after rebase"
+check "qemu-img follows the rebased chain" qemu-io -r -c "read -P 0x61 0 64k" -c "read -P 0x62 1M 64k" "$T/ch.vmdk"
+"$VDISK" create -q -f vmdk "$T/p3.vmdk" 8M
+check "safe rebase onto an empty parent" "$VDISK" rebase -b p3.vmdk -F vmdk "$T/ch.vmdk"
+check "content kept through the safe rebase" "$VDISK" io -r -c "read -P 0x61 0 64k" -c "read -P 0x62 1M 64k" "$T/ch.vmdk"

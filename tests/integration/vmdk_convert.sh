@@ -48,8 +48,8 @@ done
 [ $bad = 0 ] && ok "all $tried conversions keep content (vdisk and qemu-img) and sparseness"
 
 # -c: streamOptimized grains are compressed (much smaller than the data)
-"$VDISK" create -q -f raw "$T/z.raw" 32M
-"$VDISK" io -f raw -c "write -P 0x61 0 16M" "$T/z.raw" >/dev/null
+"$VDISK" create -q -f raw "$T/z.raw" 80M      # three grain tables' worth
+"$VDISK" io -f raw -c "write -P 0x61 0 16M" -c "write -P 0x62 70M 64k" "$T/z.raw" >/dev/null
 check "convert -c to streamOptimized" "$VDISK" convert -c -O vmdk -o subformat=streamOptimized "$T/z.raw" "$T/z.vmdk"
 sz=$(stat -c %s "$T/z.vmdk")
 [ "$sz" -lt $((1 << 20)) ] && ok "compressed grains: 16 MiB of a pattern in $sz bytes" || fail "compressed size" "$sz"

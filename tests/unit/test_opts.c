@@ -52,6 +52,15 @@ static void sizes(void **state)
     assert_int_equal(vd_parse_size("1X", &v), -EINVAL);
     assert_int_equal(vd_parse_size("", &v), -EINVAL);
     assert_int_equal(vd_parse_size("1.5", &v), -EINVAL);
+    assert_int_equal(vd_parse_size("0.8e88e", &v), -EINVAL);   /* found by fuzz_opts */
+    assert_int_equal(vd_parse_size("1e3", &v), -EINVAL);
+    assert_int_equal(vd_parse_size(" 1", &v), -EINVAL);
+    assert_int_equal(vd_parse_size("1.", &v), -EINVAL);
+    assert_int_equal(vd_parse_size("0.5M", &v), 0);
+    assert_int_equal(v, 512 * 1024);
+    assert_int_equal(vd_parse_size("7.5E", &v), 0);           /* just under 8 EiB */
+    assert_int_equal(vd_parse_size("15.9E", &v), -ERANGE);
+    assert_int_equal(vd_parse_size("99999999999999999999999", &v), -ERANGE);
 }
 
 static void size_strings(void **state)

@@ -90,6 +90,8 @@ static void print_human(json_t *o)
     } else {
         printf("disk size: unavailable\n");
     }
+    if (jstr(o, "provisioning"))        /* vdisk's own key (vmdk, vhd) */
+        printf("provisioning: %s\n", jstr(o, "provisioning"));
     if (json_is_true(json_object_get(o, "encrypted")))
         printf("encrypted: yes\n");
     v = json_object_get(o, "cluster-size");
