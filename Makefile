@@ -111,8 +111,8 @@ build/fuzz/fuzz_%: build/fuzz/obj/fuzz/fuzz_%.o $(FUZZ_LIB_OBJS)
 -include $(FUZZ_LIB_OBJS:.o=.d)
 # A long campaign (not part of check): FUZZ_SECONDS per target.
 fuzz-long: fuzz
-	@for f in $(FUZZERS); do n=$$(basename $$f); mkdir -p build/fuzz/corpus-$$n; \
-	  $$f -max_total_time=$${FUZZ_SECONDS:-600} build/fuzz/corpus-$$n fuzz/corpus/$${n#fuzz_} || exit 1; done
+	@mkdir -p build/fuzz-artifacts; for f in $(FUZZERS); do n=$$(basename $$f); mkdir -p build/fuzz/corpus-$$n; \
+	  $$f -max_total_time=$${FUZZ_SECONDS:-600} -artifact_prefix=build/fuzz-artifacts/ build/fuzz/corpus-$$n fuzz/corpus/$${n#fuzz_} || exit 1; done
 
 # Crash-consistency campaign with many kill points (check runs a short one).
 crash-long: all

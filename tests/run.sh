@@ -54,7 +54,9 @@ for f in "$VDISK_FUZZ"/fuzz_*; do
     name=$(basename "$f"); [[ $name == $pattern ]] || continue
     log=$logdir/$name.log; seeds=fuzz/corpus/${name#fuzz_}
     work=$(mktemp -d)
-    { "$f" -max_total_time="${FUZZ_SECONDS:-15}" -rss_limit_mb=2048 "$work" "$seeds" > "$log.raw" 2>&1; rc=$?; } || true
+    mkdir -p build/fuzz-artifacts
+    { "$f" -max_total_time="${FUZZ_SECONDS:-15}" -rss_limit_mb=2048 -artifact_prefix=build/fuzz-artifacts/ \
+        "$work" "$seeds" > "$log.raw" 2>&1; rc=$?; } || true
     if [ $rc -eq 0 ]; then echo "ok - $name fuzzed ${FUZZ_SECONDS:-15}s" > "$log"
     else { echo "not ok - $name found a crash (rc $rc)"; grep -E 'ERROR|SUMMARY|#0 ' "$log.raw" | head -5 | sed 's/^/# /'; } > "$log"; fi
     rm -rf "$work"
