@@ -35,7 +35,7 @@ static bool is_protocol_name(const char *name)
 }
 
 /* The backing file name as recorded, resolved against the image's folder. */
-static char *resolve_backing(const char *image, const char *backing)
+char *vd_backing_path(const char *image, const char *backing)
 {
     if (backing[0] == '/' || is_protocol_name(backing) || is_protocol_name(image))
         return strdup(backing);
@@ -105,7 +105,7 @@ static int open_chain(struct vd_disk *d, const struct vd_open_opts *o)
     struct vd_layer *l = d->top;
     d->depth = 1;
     while (l->backing_name && !o->no_backing) {
-        char *name = resolve_backing(l->filename, l->backing_name);
+        char *name = vd_backing_path(l->filename, l->backing_name);
         if (!name)
             return -ENOMEM;
         for (struct vd_layer *p = d->top; p; p = p->backing)
@@ -251,6 +251,20 @@ int vd_layer_pread(struct vd_layer *l, void *buf, size_t len, uint64_t off)
 
 /* ---- block status ---- */
 
+void vd_map_file_status(struct vd_map *m)
+{
+    bool is_data;
+    uint64_t end;
+    if (vd_file_extent(m->file, m->host_off, &is_data, &end) < 0 || end <= m->host_off)
+        return;
+    if (end - m->host_off < m->len)
+        m->len = end - m->host_off;
+    if (!is_data) {
+        m->kind = VD_MAP_ZERO;
+        m->host_valid = true;
+    }
+}
+
 int vd_disk_block_status(struct vd_disk *d, uint64_t off, uint64_t len, struct vd_extent *e)
 {
     struct vd_layer *l = d->top;
@@ -361,7 +375,7 @@ int vd_image_create(const char *filename, const char *fmt_name, struct vd_create
             return vd_err(-EINVAL, "Invalid parameter '%s' for format '%s'", k, fmt->name);
     }
     if (o->backing && o->size == 0) {
-        char *name = resolve_backing(filename, o->backing);
+        char *name = vd_backing_path(filename, o->backing);
         if (!name)
             return -ENOMEM;
         struct vd_open_opts bo = { .format = o->backing_fmt, .readonly = true, .nolock = true };

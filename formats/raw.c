@@ -28,19 +28,9 @@ static int raw_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flag
     m->host_off = off;
     m->len = len;
     m->kind = VD_MAP_DATA;
-    if (!(flags & VD_MAP_F_STATUS))
-        return 0;           /* holes read as zeros anyway: one read is cheaper */
-    bool data;
-    uint64_t end;
-    int r = vd_file_extent(l->file, off, &data, &end);
-    if (r < 0)
-        return r;
-    if (end > off && end - off < len)
-        m->len = end - off;
-    if (!data) {
-        m->kind = VD_MAP_ZERO;
-        m->host_valid = true;
-    }
+    if (flags & VD_MAP_F_STATUS)
+        vd_map_file_status(m);
+    /* otherwise: holes read as zeros anyway, and one read is cheaper */
     return 0;
 }
 

@@ -320,22 +320,6 @@ static inline bool bit_at(const uint8_t *bm, uint64_t sec)
     return bm[sec / 8] & (0x80 >> (sec % 8));
 }
 
-/* Block status of a range stored in place: the host file's holes read as
- * zeros (as qemu-img reports them for flat files). */
-static void vd_map_file_status(struct vd_map *m)
-{
-    bool is_data;
-    uint64_t end;
-    if (vd_file_extent(m->file, m->host_off, &is_data, &end) < 0 || end <= m->host_off)
-        return;
-    if (end - m->host_off < m->len)
-        m->len = end - m->host_off;
-    if (!is_data) {
-        m->kind = VD_MAP_ZERO;
-        m->host_valid = true;
-    }
-}
-
 static int vhd_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, struct vd_map *m)
 {
     struct vhd *s = l->priv;

@@ -87,16 +87,8 @@ struct parent_info {
     const char *rel;    /* as recorded (relative to the child's folder) */
 };
 
-static int read_parent(const char *child, const char *backing, struct parent_info *pi)
+static int read_parent_at(const char *child, const char *path, struct parent_info *pi)
 {
-    char path[PATH_MAX];
-    if (backing[0] == '/') {
-        snprintf(path, sizeof(path), "%s", backing);
-    } else {
-        const char *slash = strrchr(child, '/');
-        int dl = slash ? (int)(slash - child) + 1 : 0;
-        snprintf(path, sizeof(path), "%.*s%s", dl, child, backing);
-    }
     struct vd_file *f;
     int r = vd_file_open(path, VD_FILE_RDONLY | VD_FILE_NOLOCK, VD_CACHE_WRITEBACK, &f);
     if (r < 0)
@@ -118,8 +110,20 @@ static int read_parent(const char *child, const char *backing, struct parent_inf
     pi->mtime = stat(path, &st) == 0 && st.st_mtime > VHD_EPOCH_OFFSET
                 ? (uint32_t)(st.st_mtime - VHD_EPOCH_OFFSET) : 0;
     pi->abs = realpath(path, NULL);
-    pi->rel = backing;
     return pi->abs ? 0 : vd_err(-errno, "%s: cannot resolve %s", child, path);
+}
+
+/* The parent named `backing`, resolved against the child's folder as the
+ * core resolves it when opening the chain. */
+static int read_parent(const char *child, const char *backing, struct parent_info *pi)
+{
+    char *path = vd_backing_path(child, backing);
+    if (!path)
+        return -ENOMEM;
+    pi->rel = backing;
+    int r = read_parent_at(child, path, pi);
+    free(path);
+    return r;
 }
 
 int vd_vhd_create(const char *filename, const struct vd_create_opts *o)

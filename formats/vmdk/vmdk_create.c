@@ -93,16 +93,8 @@ static int make_flat(const char *path, uint64_t bytes, enum vd_prealloc p)
 }
 
 /* Parent of a delta disk: its CID and size, from its descriptor. */
-static int read_parent(const char *child, const char *backing, uint32_t *cid, uint64_t *size)
+static int read_parent_at(const char *child, const char *path, uint32_t *cid, uint64_t *size)
 {
-    char path[PATH_MAX];
-    if (backing[0] == '/') {
-        snprintf(path, sizeof(path), "%s", backing);
-    } else {
-        const char *slash = strrchr(child, '/');
-        int dl = slash ? (int)(slash - child) + 1 : 0;
-        snprintf(path, sizeof(path), "%.*s%s", dl, child, backing);
-    }
     struct vd_file *f;
     int r = vd_file_open(path, VD_FILE_RDONLY | VD_FILE_NOLOCK, VD_CACHE_WRITEBACK, &f);
     if (r < 0)
@@ -133,6 +125,18 @@ static int read_parent(const char *child, const char *backing, uint32_t *cid, ui
         *size += d.ext[i].sectors * VMDK_SECTOR;
     vd_vmdk_desc_free(&d);
     return 0;
+}
+
+/* The parent named `backing`, resolved against the child's folder as the
+ * core resolves it when opening the chain. */
+static int read_parent(const char *child, const char *backing, uint32_t *cid, uint64_t *size)
+{
+    char *path = vd_backing_path(child, backing);
+    if (!path)
+        return -ENOMEM;
+    int r = read_parent_at(child, path, cid, size);
+    free(path);
+    return r;
 }
 
 int vd_vmdk_create(const char *filename, const struct vd_create_opts *o)
@@ -183,7 +187,7 @@ int vd_vmdk_create(const char *filename, const struct vd_create_opts *o)
         if (sub != MONO_SPARSE && sub != TWO_SPARSE)
             return vd_err(-EINVAL, "%s: a delta disk must be monolithicSparse or twoGbMaxExtentSparse",
                           filename);
-        uint64_t psize;
+        uint64_t psize = 0;
         r = read_parent(filename, o->backing, &parent_cid, &psize);
         if (r < 0)
             return r;

@@ -179,6 +179,16 @@ int vd_format_register(const struct vd_format *f);
 /* Iterate: i = 0, 1, … until NULL. */
 const struct vd_format *vd_format_at(size_t i);
 
+/* For a DATA answer m stored in place in a host file: trim m to the file's
+ * current extent and make it ZERO (host_valid) over a hole, so block status
+ * of flat files reports holes as qemu-img does. */
+void vd_map_file_status(struct vd_map *m);
+
+/* The path of a backing file as recorded in `image` (relative names are
+ * relative to the image's folder; absolute names and protocol URIs are
+ * kept). Free with free(); NULL when out of memory. */
+char *vd_backing_path(const char *image, const char *backing);
+
 /* Read [off, off+len) of layer l (and below) synchronously: for COW fills,
  * check and slow paths. */
 int vd_layer_pread(struct vd_layer *l, void *buf, size_t len, uint64_t off);

@@ -63,6 +63,9 @@ int  vd_cli_size(const char *s, uint64_t *out, const char *what);
 /* cache=: none, writeback, directsync, writethrough, unsafe. */
 int  vd_cli_cache(const char *s, enum vd_cache *out);
 int  vd_cli_aio(const char *s, enum vd_aio *out);
+/* One -o argument: "help" or "?" sets *want_help, anything else is added to
+ * opts. 0, or -1 with the error printed. */
+int  vd_cli_opts_arg(struct vd_opts *opts, const char *arg, bool *want_help);
 /* --output=human|json: 0 human, 1 json, -1 (error printed) otherwise. */
 int  vd_cli_output(const char *s);
 

@@ -748,15 +748,8 @@ static int run(int argc, char **argv)
         case 'C': break;                /* copy offloading: plain copies are used */
         case OPT_TARGET_ZERO: target_is_zero = true; break;
         case 'o':
-            if (!strcmp(optarg, "help") || !strcmp(optarg, "?")) {
-                want_help = true;
-                break;
-            }
-            vd_err_clear();
-            if (vd_opts_parse(&opts, optarg) < 0) {
-                vd_cli_err("Invalid option list '%s': %s", optarg, vd_errmsg(-EINVAL));
+            if (vd_cli_opts_arg(&opts, optarg, &want_help) < 0)
                 goto out;
-            }
             break;
         case 'S':
             if (vd_cli_size(optarg, &sparse, "sparse size (-S)") < 0)

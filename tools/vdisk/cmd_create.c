@@ -27,15 +27,8 @@ static int run(int argc, char **argv)
         case 'u': unsafe = true; break;
         case 'q': quiet = true; break;
         case 'o':
-            if (!strcmp(optarg, "help") || !strcmp(optarg, "?")) {
-                want_help = true;
-                break;
-            }
-            vd_err_clear();
-            if (vd_opts_parse(&opts, optarg) < 0) {
-                vd_cli_err("Invalid option list '%s': %s", optarg, vd_errmsg(-EINVAL));
+            if (vd_cli_opts_arg(&opts, optarg, &want_help) < 0)
                 goto out;
-            }
             break;
         default:
             rc = vd_cli_bad_option(argv[0], c, argv);

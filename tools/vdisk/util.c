@@ -114,6 +114,20 @@ int vd_cli_open(const char *file, const struct vd_cli_open *o, struct vd_disk **
     return 0;
 }
 
+int vd_cli_opts_arg(struct vd_opts *opts, const char *arg, bool *want_help)
+{
+    if (!strcmp(arg, "help") || !strcmp(arg, "?")) {
+        *want_help = true;
+        return 0;
+    }
+    vd_err_clear();
+    if (vd_opts_parse(opts, arg) < 0) {
+        vd_cli_err("Invalid option list '%s': %s", arg, vd_errmsg(-EINVAL));
+        return -1;
+    }
+    return 0;
+}
+
 int vd_cli_size(const char *s, uint64_t *out, const char *what)
 {
     vd_err_clear();
