@@ -272,6 +272,7 @@ static void vmdk_close(struct vd_layer *l)
         free(e->path);
     }
     free(s->ext);
+    free(s->pend);
     vd_vmdk_desc_free(&s->desc);
     if (s->scratch) {
         vd_file_close(s->scratch->f);
@@ -291,7 +292,7 @@ static int vmdk_open(struct vd_layer *l)
     return r;
 }
 
-static struct vmdk_extent *find_extent(struct vmdk *s, uint64_t sector)
+struct vmdk_extent *vd_vmdk_find_extent(struct vmdk *s, uint64_t sector)
 {
     size_t lo = 0, hi = s->next;
     while (lo < hi) {
@@ -340,6 +341,42 @@ static int write_desc(struct vd_layer *l, struct vmdk *s)
     return r < 0 ? vd_err(r, "%s: cannot rewrite the descriptor", lname(l)) : 0;
 }
 
+int vd_vmdk_write_desc(struct vd_layer *l)
+{
+    return write_desc(l, l->priv);
+}
+
+bool vd_vmdk_pending(const struct vmdk *s, size_t ext, uint64_t g)
+{
+    for (size_t i = 0; i < s->npend; i++)
+        if (s->pend[i].ext == ext && s->pend[i].g == g)
+            return true;
+    return false;
+}
+
+static int pend_add(struct vmdk *s, size_t ext, uint64_t g)
+{
+    if (s->npend == s->cpend) {
+        size_t c = s->cpend ? s->cpend * 2 : 16;
+        struct vmdk_pend *p = realloc(s->pend, c * sizeof(*p));
+        if (!p)
+            return -ENOMEM;
+        s->pend = p;
+        s->cpend = c;
+    }
+    s->pend[s->npend++] = (struct vmdk_pend){ ext, g };
+    return 0;
+}
+
+static void pend_del(struct vmdk *s, size_t ext, uint64_t g)
+{
+    for (size_t i = 0; i < s->npend; i++)
+        if (s->pend[i].ext == ext && s->pend[i].g == g) {
+            s->pend[i] = s->pend[--s->npend];
+            return;
+        }
+}
+
 /* First write of this open: a new content ID, so children of this disk
  * see it changed under them. */
 static int touch_cid(struct vd_layer *l, struct vmdk *s)
@@ -362,6 +399,11 @@ static int touch_cid(struct vd_layer *l, struct vmdk *s)
     return write_desc(l, s);
 }
 
+int vd_vmdk_touch_cid(struct vd_layer *l)
+{
+    return touch_cid(l, l->priv);
+}
+
 static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, struct vd_map *m)
 {
     struct vmdk *s = l->priv;
@@ -372,7 +414,7 @@ static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned fla
             return r;
     }
     uint64_t sec = off / VMDK_SECTOR;
-    struct vmdk_extent *e = find_extent(s, sec);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, sec);
     if (!e)
         return vd_err(-EIO, "%s: offset %llu is beyond the extents", lname(l), (unsigned long long)off);
     uint64_t estart = e->start * VMDK_SECTOR, eend = (e->start + e->sectors) * VMDK_SECTOR;
@@ -454,7 +496,7 @@ static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned fla
 static int vmdk_read_compressed(struct vd_layer *l, const struct vd_map *m, void *buf)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = find_extent(s, m->comp_voff / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, m->comp_voff / VMDK_SECTOR);
     if (!e || !e->sp)
         return vd_err(-EIO, "%s: no compressed extent at offset %llu", lname(l),
                       (unsigned long long)m->comp_voff);
@@ -509,7 +551,7 @@ static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, c
 static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *buf, size_t len)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, off / VMDK_SECTOR);
     if (!e || !e->sp || !e->sp->compressed)
         return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
     if (e->access != VMDK_RW)
@@ -545,7 +587,7 @@ static int vmdk_compress(struct vd_layer *l, const void *in, size_t len, void *o
 static int vmdk_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *z, size_t zlen)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, off / VMDK_SECTOR);
     if (!e || !e->sp || !e->sp->compressed)
         return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
     if (e->access != VMDK_RW)
@@ -584,7 +626,7 @@ static int vmdk_write_compressed_raw(struct vd_layer *l, uint64_t off, const voi
 static int vmdk_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_alloc *a)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, off / VMDK_SECTOR);
     memset(a, 0, sizeof(*a));
     if (!e)
         return vd_err(-EIO, "%s: offset %llu is beyond the extents", lname(l), (unsigned long long)off);
@@ -644,17 +686,25 @@ static int vmdk_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_
         a->fresh = false;
         a->priv[2] = 2;
         a->priv[3] = slot;
-        return 0;
+        r = pend_add(s, (size_t)a->priv[0], g);
+        if (r < 0)
+            sc->used[slot] = 0;
+        return r;
     }
     uint64_t at = sp->next;
     if (at / VMDK_SECTOR + sp->grain > 0xFFFFFFFFull)
         return vd_err(-EFBIG, "%s: extent %s is full (2 TiB of sectors)", lname(l), en);
+    r = pend_add(s, (size_t)a->priv[0], g);
+    if (r < 0)
+        return r;
     /* Grow the file over the whole grain now: the core may write only the
      * non-zero part, and the file's end is where the next grain goes. */
     r = vd_file_truncate(e->file, at + gb);
-    if (r < 0)
+    if (r < 0) {
+        pend_del(s, (size_t)a->priv[0], g);
         return vd_err(r, "%s: cannot extend %s to %llu bytes", lname(l), en,
                       (unsigned long long)(at + gb));
+    }
     sp->next += gb;
     if (sp->next > sp->fsize)
         sp->fsize = sp->next;
@@ -673,6 +723,7 @@ static int vmdk_commit(struct vd_layer *l, struct vd_alloc *a, int err)
     struct vmdk_sparse *sp = e->sp;
     const char *en = e->path ? e->path : lname(l);
     uint64_t gb = sp->grain * VMDK_SECTOR;
+    pend_del(s, (size_t)a->priv[0], a->priv[1]);
     if (a->priv[2] == 2) {
         struct vmdk_scratch *sc = scratch_of(s);
         int r = err;
@@ -935,7 +986,10 @@ const struct vd_format vd_format_vmdk = {
     .write_compressed = vmdk_write_compressed,
     .compress = vmdk_compress,
     .write_compressed_raw = vmdk_write_compressed_raw,
+    .discard = vd_vmdk_discard,
+    .zero = vd_vmdk_zero,
     .flush = vmdk_flush,
+    .resize = vd_vmdk_resize,
     .check = vmdk_check,
     .info = vmdk_info,
     .backing_opened = vmdk_backing_opened,
