@@ -9,6 +9,7 @@
  * redundant then the primary grain table. Compressed (streamOptimized)
  * extents are append-only: see vmdk_stream.c. */
 #include <errno.h>
+#include <pthread.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -240,6 +241,9 @@ static int vmdk_open_inner(struct vd_layer *l)
     if (r < 0)
         return r;
     l->cluster_size = 0;
+    for (size_t i = 0; i < s->next; i++)
+        if (s->ext[i].sp && s->ext[i].sp->compressed)
+            l->compressed_only = true;
     for (size_t i = 0; i < s->next; i++)
         if (s->ext[i].sp) {
             l->cluster_size = (uint32_t)(s->ext[i].sp->grain * VMDK_SECTOR);
@@ -515,6 +519,31 @@ static int vmdk_read_compressed(struct vd_layer *l, const struct vd_map *m, void
     return r;
 }
 
+static bool all_zero(const uint8_t *p, size_t len)
+{
+    return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
+}
+
+/* Append a compressed grain blob (marker included) for grain g of e. */
+static int stream_append_blob(struct vd_layer *l, struct vmdk_extent *e, uint64_t g,
+                              const uint8_t *blob, size_t blen)
+{
+    struct vmdk_sparse *sp = e->sp;
+    const char *en = e->path ? e->path : lname(l);
+    uint32_t gte;
+    int r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
+    if (r < 0)
+        return r;
+    if (gte != 0)
+        return vd_err(-EPERM, "%s: streamOptimized VMDK is append-only: grain at offset %llu is "
+                      "already written (convert the image to change it)", lname(l),
+                      (unsigned long long)((e->start + g * sp->grain) * VMDK_SECTOR));
+    r = vd_vmdk_stream_begin(en, e->file, sp);
+    if (r < 0)
+        return r;
+    return vd_vmdk_stream_append(en, e->file, sp, g, blob, blen);
+}
+
 /* streamOptimized appends: compress, then link. */
 static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, const void *buf, size_t len)
 {
@@ -727,18 +756,29 @@ static int vmdk_commit(struct vd_layer *l, struct vd_alloc *a, int err)
     if (a->priv[2] == 2) {
         struct vmdk_scratch *sc = scratch_of(s);
         int r = err;
+        uint8_t *buf = NULL, *blob = NULL;
+        size_t blen = 0;
         if (r >= 0) {
-            uint8_t *buf = malloc(gb);
-            if (!buf)
-                r = -ENOMEM;
-            else {
-                r = vd_file_pread(sc->f, buf, a->fill_len, a->host_off);
-                if (r >= 0)
-                    r = stream_write(l, e, a->priv[1], buf, a->fill_len);
-                free(buf);
-            }
+            buf = malloc(gb);
+            r = buf ? vd_file_pread(sc->f, buf, a->fill_len, a->host_off) : -ENOMEM;
         }
         sc->used[a->priv[3]] = 0;
+        if (r >= 0 && !all_zero(buf, a->fill_len)) {
+            /* Compress with the layer lock dropped, so that the grains of
+             * concurrent writes compress in parallel: the buffer is ours,
+             * and the core keeps other writes out of this grain until
+             * commit returns. Only linking the blob needs the lock. */
+            pthread_mutex_unlock(&l->lock);
+            r = vd_vmdk_compress_grain(buf, a->fill_len, gb, a->priv[1] * sp->grain, &blob, &blen);
+            pthread_mutex_lock(&l->lock);
+            if (r < 0)
+                r = vd_err(r, "%s: cannot compress grain %llu", lname(l),
+                           (unsigned long long)a->priv[1]);
+            else
+                r = stream_append_blob(l, e, a->priv[1], blob, blen);
+        }
+        free(buf);
+        free(blob);
         return r < 0 && err >= 0 ? r : 0;
     }
     if (err < 0) {
