@@ -88,7 +88,8 @@ int vd_vmdk_read_desc(const char *name, struct vd_file *f, char **text, size_t *
             *embedded = true;
             return 0;
         }
-        if (n > MAX_DESC_BYTES || off / VMDK_SECTOR != le64(h + VH_DESC_OFF) || off > fsize ||
+        if (n > MAX_DESC_BYTES || off / VMDK_SECTOR != le64(h + VH_DESC_OFF) ||
+            n / VMDK_SECTOR != le64(h + VH_DESC_SIZE) || off > fsize ||
             fsize - off < n)
             return vd_err(-EINVAL, "%s: embedded descriptor (offset %llu, %llu bytes) lies outside "
                           "the file or is too large", name, (unsigned long long)off, (unsigned long long)n);
@@ -322,7 +323,7 @@ static int write_desc(struct vd_layer *l, struct vmdk *s)
         return -ENOMEM;
     if (s->embedded) {
         struct vmdk_sparse *sp = s->ext[0].sp;
-        uint64_t cap = sp ? sp->desc_size * VMDK_SECTOR : 0;
+        uint64_t cap = sp && sp->desc_size <= MAX_DESC_BYTES / VMDK_SECTOR ? sp->desc_size * VMDK_SECTOR : 0;
         if (!sp || len + 1 > cap) {
             free(t);
             return vd_err(-ENOSPC, "%s: the descriptor no longer fits its %llu bytes", lname(l),
