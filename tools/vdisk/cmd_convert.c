@@ -15,7 +15,9 @@
  * cluster is compressed and written by fmt->write_compressed on the worker
  * pool, so clusters compress in parallel. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <libgen.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -712,6 +714,25 @@ static int target_opts(struct vd_opts *opts, const struct vd_format *fmt, const 
     return 0;
 }
 
+/* The folder entry of a new target must be durable too. Local files only. */
+static int sync_dir(const char *file)
+{
+    if (strstr(file, "://") || !strncmp(file, "rbd:", 4))
+        return 0;
+    char *copy = strdup(file);
+    if (!copy)
+        return -ENOMEM;
+    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int r = 0;
+    if (fd >= 0) {
+        if (fsync(fd) < 0 && errno != EINVAL && errno != EROFS)
+            r = vd_err(-errno, "syncing the folder of %s failed: %s", file, strerror(errno));
+        close(fd);
+    }
+    free(copy);
+    return r;
+}
+
 static int run(int argc, char **argv)
 {
     enum { OPT_TARGET_ZERO = 256, OPT_SALVAGE };
@@ -723,7 +744,8 @@ static int run(int argc, char **argv)
     };
     const char *ifmt = NULL, *ofmt = "raw", *backing = NULL, *backing_fmt = NULL;
     struct vd_opts opts = { 0 }, fopts = { 0 };
-    enum vd_cache scache = VD_CACHE_WRITEBACK, dcache = VD_CACHE_WRITEBACK;
+    enum vd_cache scache = VD_CACHE_WRITEBACK, dcache = VD_CACHE_UNSAFE;
+    bool dcache_given = false;
     uint64_t sparse = 4096, m = 8;
     bool compress = false, progress = false, quiet = false, no_create = false, ooo = false;
     bool target_is_zero = false, share = false, want_help = false;
@@ -773,6 +795,7 @@ static int run(int argc, char **argv)
         case 't':
             if (vd_cli_cache(optarg, &dcache) < 0)
                 goto out;
+            dcache_given = true;
             break;
         case 'T':
             if (vd_cli_cache(optarg, &scache) < 0)
@@ -838,7 +861,7 @@ static int run(int argc, char **argv)
         if (co.backing && !co.backing_fmt) {
             /* as qemu-img: a backing format is needed; probe it */
             char *path = vd_cli_backing_path(cv.dst_name, co.backing);
-            struct vd_cli_open bo = { .readonly = true, .force_share = true, .quiet = true };
+            struct vd_cli_open bo = { .format_opt = "-F", .readonly = true, .force_share = true };
             struct vd_disk *bd;
             if (!path || vd_cli_open(path, &bo, &bd) < 0) {
                 free(path);
@@ -873,9 +896,11 @@ static int run(int argc, char **argv)
     cv.in_order = !ooo;
     cv.progress = progress;
     cv.chunk = CHUNK_SIZE;
-    cv.early_flush = EARLY_FLUSH;
+    /* Early flushes start write-back while copying; they are syncs, so only
+     * where syncs are wanted along the way (-t writeback / none). */
+    cv.early_flush = dcache == VD_CACHE_WRITEBACK || dcache == VD_CACHE_NONE ? EARLY_FLUSH : 0;
     const char *ef = getenv("VDISK_CONVERT_FLUSH_MB");     /* tuning knob for benchmarks */
-    if (ef)
+    if (ef && cv.early_flush)
         cv.early_flush = strtoull(ef, NULL, 10) << 20;
     if (compress) {
         uint32_t cl = cv.dst_top->cluster_size ? cv.dst_top->cluster_size : cv.dst_top->alloc_unit;
@@ -947,8 +972,14 @@ static int run(int argc, char **argv)
         goto out;
     }
     vd_err_clear();
-    int r = vd_disk_close(cv.dst);
+    /* Without -t the copy ran with cache=unsafe (no syncs: the target is
+     * not complete before the end anyway) and is made durable here, once,
+     * so that `convert && rm source` cannot lose data. -t unsafe skips even
+     * that (qemu-img's default); other modes synced as they went. */
+    int r = dcache_given ? vd_disk_close(cv.dst) : vd_disk_close_durable(cv.dst);
     cv.dst = NULL;
+    if (r == 0 && !dcache_given && !no_create)
+        r = sync_dir(cv.dst_name);
     if (r < 0) {
         vd_cli_err("%s: error while flushing: %s", cv.dst_name, vd_errmsg(r));
         goto out;
@@ -1001,7 +1032,13 @@ static const struct vd_cli_cmd cmd_convert = {
     "  -W               allow writes out of order (faster; the target is less sequential)\n"
     "  -n               the target exists: do not create it (use --target-is-zero\n"
     "                   when it already reads as zeros, so that zeros are not written)\n"
-    "  -t / -T cache    target / source cache mode (writeback, none, ...)\n"
+    "  -t cache         target cache mode. Default: no syncs while copying, one\n"
+    "                   sync of the target at the end (durable when convert exits).\n"
+    "                   unsafe: no sync at all (qemu-img's default; the target may\n"
+    "                   be lost on a host crash); writeback: syncs as a format\n"
+    "                   orders its metadata, and at the end; none: O_DIRECT, synced\n"
+    "                   like writeback; writethrough / directsync: every write synced\n"
+    "  -T cache         source cache mode (writeback, none, ...)\n"
     "  -p               show progress;  -q  quiet;  -U  do not lock the sources\n",
     run,
 };
