@@ -121,6 +121,16 @@ int vd_file_sync(struct vd_file *f)
     return vd_file_sync_now(f);
 }
 
+int vd_file_start_writeback(struct vd_file *f, uint64_t off, uint64_t len)
+{
+    if (f->proto != &posix_proto || f->fd < 0 || f->direct || f->readonly)
+        return 0;
+    if (sync_file_range(f->fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE) < 0 &&
+        errno != ESPIPE && errno != EINVAL)
+        return vd_err(-errno, "%s: starting write-back failed: %s", f->name, strerror(errno));
+    return 0;
+}
+
 int vd_file_pwrite_durable(struct vd_file *f, const void *buf, size_t len, uint64_t off)
 {
     if (f->readonly)

@@ -89,6 +89,11 @@ int  vd_file_sync_now(struct vd_file *f);
  * write then a sync): for metadata that must reach the disk before what
  * follows. A plain write on cache=unsafe files. */
 int  vd_file_pwrite_durable(struct vd_file *f, const void *buf, size_t len, uint64_t off);
+/* Start writing back what is dirty in [off, off+len) (len 0: to the end of
+ * the file) without waiting for it: a hint that shortens a later sync, no
+ * guarantee of anything (sync_file_range(SYNC_FILE_RANGE_WRITE) on local
+ * buffered files; nothing elsewhere). Not a sync: done in every mode. */
+int  vd_file_start_writeback(struct vd_file *f, uint64_t off, uint64_t len);
 /* true when a sync of f would be skipped now (cache=unsafe, outside
  * vd_disk_sync_now); the engines use it for VD_IO_SYNC. */
 bool vd_file_sync_skipped(const struct vd_file *f);

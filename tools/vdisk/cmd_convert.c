@@ -109,11 +109,13 @@ struct conv {
     unsigned ext_flags;
     int ext_depth;
     /* early flushes: start write-back while copying, so the final flush
-     * has little left to do */
+     * has little left to do. With early_kick (the default mode, whose only
+     * sync is the last) they only start write-back and are not syncs. */
     uint64_t unflushed;
-    bool flushing;
+    bool flushing, early_kick;
     uint64_t early_flush;       /* bytes between early flushes, 0: none */
     struct vd_req flush_req;
+    int kick_err;
 };
 
 #define EARLY_FLUSH (64ull << 20)
@@ -276,6 +278,27 @@ static void early_flush_done(struct vd_req *r, int res)
     worker_fill(w);
 }
 
+/* On the worker pool: sync_file_range may wait for the device queue. */
+static void kick_run(void *opaque)
+{
+    struct worker *w = opaque;
+    vd_err_clear();
+    w->cv->kick_err = vd_file_start_writeback(w->cv->dst_top->file, 0, 0);
+}
+
+static void kick_done(void *opaque)
+{
+    struct worker *w = opaque;
+    struct conv *cv = w->cv;
+    if (cv->kick_err < 0)
+        set_error(cv, cv->kick_err, "%s", vd_errmsg(cv->kick_err));
+    pthread_mutex_lock(&cv->lock);
+    cv->flushing = false;
+    pthread_mutex_unlock(&cv->lock);
+    w->inflight--;
+    worker_fill(w);
+}
+
 static void finish(struct chunk *ch)
 {
     struct worker *w = ch->w;
@@ -298,8 +321,12 @@ static void finish(struct chunk *ch)
     if (flush) {
         /* counted as in flight so that the worker waits for it */
         w->inflight++;
-        cv->flush_req = (struct vd_req){ .op = VD_OP_FLUSH, .done = early_flush_done, .opaque = w };
-        vd_disk_submit(cv->dst, &cv->flush_req);
+        if (cv->early_kick) {
+            vd_loop_offload(w->loop, kick_run, kick_done, w);
+        } else {
+            cv->flush_req = (struct vd_req){ .op = VD_OP_FLUSH, .done = early_flush_done, .opaque = w };
+            vd_disk_submit(cv->dst, &cv->flush_req);
+        }
     }
     worker_fill(w);
 }
@@ -896,9 +923,12 @@ static int run(int argc, char **argv)
     cv.in_order = !ooo;
     cv.progress = progress;
     cv.chunk = CHUNK_SIZE;
-    /* Early flushes start write-back while copying; they are syncs, so only
-     * where syncs are wanted along the way (-t writeback / none). */
-    cv.early_flush = dcache == VD_CACHE_WRITEBACK || dcache == VD_CACHE_NONE ? EARLY_FLUSH : 0;
+    /* Early flushes start write-back while copying so that the final sync
+     * has little left to do: flushes with -t writeback / none, and
+     * write-back starts without a sync by default. Nothing with -t unsafe
+     * (no final sync to shorten) or writethrough (every write synced). */
+    cv.early_flush = dcache == VD_CACHE_WRITEBACK || dcache == VD_CACHE_NONE || !dcache_given ? EARLY_FLUSH : 0;
+    cv.early_kick = !dcache_given;
     const char *ef = getenv("VDISK_CONVERT_FLUSH_MB");     /* tuning knob for benchmarks */
     if (ef && cv.early_flush)
         cv.early_flush = strtoull(ef, NULL, 10) << 20;
