@@ -62,6 +62,10 @@ struct vd_proto {
     /* Asynchronous I/O of the backend's own (libnbd, librbd). NULL: the
      * core submits preadv/pwritev/fdatasync on f->fd to the loop's engine. */
     void (*submit)(struct vd_file *f, struct vd_io *io);
+    /* submit also takes VD_IO_PUNCH and VD_IO_ZERO, so that raw images on
+     * this backend discard and zero without blocking the loop (a cluster
+     * round trip would stall every export on it). */
+    bool submit_zero;
 };
 
 struct vd_file {

@@ -432,39 +432,62 @@ static void write_done(struct vd_req *r, int res)
         finish(ch);
 }
 
-static void compress_run(void *opaque)
+/* Compress one cluster; a cluster that does not shrink is marked plain. */
+static int compress_one(struct cjob *j)
 {
-    struct cjob *j = opaque;
-    struct conv *cv = j->ch->w->cv;
-    struct vd_layer *l = cv->dst_top;
-    const struct vd_format *f = l->fmt;
-    int r;
-    vd_err_clear();
-    if (f->compress && f->write_compressed_raw) {
-        /* Compress without the layer lock (in parallel on the worker
-         * pool); only linking the blob into the tables takes it. */
-        j->outlen = cv->cluster;
-        r = f->compress(l, j->data, j->len, j->out, &j->outlen);
-        if (r == -ENOSPC) {
-            j->plain = true;        /* written as ordinary data in compress_done */
-            return;
-        }
-        if (r == 0) {
-            pthread_mutex_lock(&l->lock);
-            r = f->write_compressed_raw(l, j->off, j->out, j->outlen);
-            pthread_mutex_unlock(&l->lock);
-        }
-    } else {
-        pthread_mutex_lock(&l->lock);
-        r = f->write_compressed(l, j->off, j->data, j->len);
-        pthread_mutex_unlock(&l->lock);
+    struct vd_layer *l = j->ch->w->cv->dst_top;
+    j->outlen = j->ch->w->cv->cluster;
+    int r = l->fmt->compress(l, j->data, j->len, j->out, &j->outlen);
+    if (r == -ENOSPC) {
+        j->plain = true;        /* written as ordinary data in compress_done */
+        return 0;
     }
+    return r;
+}
+
+static void compress_error(struct conv *cv, struct cjob *j, int r)
+{
     if (r == -ENOTSUP)
         set_error(cv, r, "%s: Compression not supported for this file format (%s)", cv->dst_name,
                   vd_cli_strip(vd_errmsg(r), cv->dst_name));
-    else if (r < 0)
+    else
         set_error(cv, r, "%s: error while compressing a cluster at offset %" PRIu64 ": %s", cv->dst_name, j->off,
                   vd_cli_strip(vd_errmsg(r), cv->dst_name));
+}
+
+/* On the worker pool: compress every planned cluster of a chunk without
+ * the layer lock, then link the blobs in under one hold of the lock (the
+ * format gathers consecutive blobs into few writes). One job per chunk
+ * rather than per cluster keeps the hand-offs between threads few. */
+static void compress_run(void *opaque)
+{
+    struct chunk *ch = opaque;
+    struct conv *cv = ch->w->cv;
+    struct vd_layer *l = cv->dst_top;
+    const struct vd_format *f = l->fmt;
+    int r = 0, i;
+    vd_err_clear();
+    if (!(f->compress && f->write_compressed_raw)) {
+        pthread_mutex_lock(&l->lock);
+        for (i = 0; i < ch->ncj && r == 0 && !cv->err; i++)
+            r = f->write_compressed(l, ch->cjobs[i].off, ch->cjobs[i].data, ch->cjobs[i].len);
+        pthread_mutex_unlock(&l->lock);
+        if (r < 0)
+            compress_error(cv, &ch->cjobs[i - 1], r);
+        return;
+    }
+    for (i = 0; i < ch->ncj && !cv->err; i++)
+        if ((r = compress_one(&ch->cjobs[i])) < 0) {
+            compress_error(cv, &ch->cjobs[i], r);
+            return;
+        }
+    pthread_mutex_lock(&l->lock);
+    for (i = 0; i < ch->ncj && r == 0 && !cv->err; i++)
+        if (!ch->cjobs[i].plain)
+            r = f->write_compressed_raw(l, ch->cjobs[i].off, ch->cjobs[i].out, ch->cjobs[i].outlen);
+    pthread_mutex_unlock(&l->lock);
+    if (r < 0)
+        compress_error(cv, &ch->cjobs[i - 1], r);
 }
 
 static void plain_done(struct vd_req *r, int res)
@@ -478,16 +501,21 @@ static void plain_done(struct vd_req *r, int res)
         finish(ch);
 }
 
+/* Back on the chunk's loop: clusters that did not shrink are written plain. */
 static void compress_done(void *opaque)
 {
-    struct cjob *j = opaque;
-    struct chunk *ch = j->ch;
-    if (j->plain && !ch->w->cv->err) {
+    struct chunk *ch = opaque;
+    struct conv *cv = ch->w->cv;
+    ch->pending = 1;
+    for (int i = 0; i < ch->ncj && !cv->err; i++) {
+        struct cjob *j = &ch->cjobs[i];
+        if (!j->plain)
+            continue;
         j->iov = (struct iovec){ j->data, j->len };
         j->req = (struct vd_req){ .op = VD_OP_WRITE, .off = j->off, .len = j->len, .iov = &j->iov, .iovcnt = 1,
                                   .done = plain_done, .opaque = j };
-        vd_disk_submit(ch->w->cv->dst, &j->req);
-        return;
+        ch->pending++;
+        vd_disk_submit(cv->dst, &j->req);
     }
     if (--ch->pending == 0)
         finish(ch);
@@ -503,11 +531,14 @@ static void launch(struct chunk *ch)
     }
     /* +1 so that requests completing inside vd_disk_submit cannot finish
      * the chunk before every request is submitted. */
+    if (ch->ncj) {
+        /* -c plans no ordinary writes: the pool takes the chunk's clusters */
+        vd_loop_offload(ch->w->loop, compress_run, compress_done, ch);
+        return;
+    }
     ch->pending = n + 1;
     for (int i = 0; i < ch->nw; i++)
         vd_disk_submit(cv->dst, &ch->wreq[i]);
-    for (int i = 0; i < ch->ncj; i++)
-        vd_loop_offload(ch->w->loop, compress_run, compress_done, &ch->cjobs[i]);
     if (--ch->pending == 0)
         finish(ch);
 }
