@@ -820,6 +820,8 @@ static struct vmdk_scratch *scratch_of(struct vmdk *s)
     return sc;
 }
 
+/* Finish streams, and sync extent files other than l->file (the core syncs
+ * that one): a flush covers every file the disk's data lives in. */
 static int vmdk_flush(struct vd_layer *l)
 {
     struct vmdk *s = l->priv;
@@ -831,6 +833,11 @@ static int vmdk_flush(struct vd_layer *l)
             int r = vd_vmdk_stream_finish(e->path ? e->path : lname(l), e->file, e->sp);
             if (r < 0)
                 return r;
+        }
+        if (e->own_file && e->access == VMDK_RW && e->file != l->file) {
+            int r = vd_file_sync(e->file);
+            if (r < 0)
+                return vd_err(r, "%s: cannot sync extent file %s", lname(l), e->path);
         }
     }
     return 0;
