@@ -111,7 +111,7 @@ osd heartbeat grace = 60
 # a crashed client's watch (and so its exclusive lock) goes after 10 s, not 30
 osd client watch timeout = ${RBD_WATCH_TIMEOUT:-10}
 osd op num shards = 1
-osd op num threads per shard = 2
+osd op num threads per shard = ${RBD_OSD_THREADS:-2}
 osd journal size = 64
 osd class load list = *
 osd class default list = *
