@@ -701,6 +701,10 @@ void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
         r->done(r, ret < 0 ? ret : -ENOMEM);
         return;
     }
+    /* writethrough / directsync: every write is durable when it completes */
+    if (r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
+        (d->opts.cache == VD_CACHE_WRITETHROUGH || d->opts.cache == VD_CACHE_DIRECTSYNC))
+        r->flags |= VD_REQ_FUA;
     switch (r->op) {
     case VD_OP_READ:
         ret = read_range(r, d->top, r->off, r->len, 0);

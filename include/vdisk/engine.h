@@ -53,6 +53,8 @@ extern const struct vd_engine_ops vd_engine_io_uring, vd_engine_aio, vd_engine_t
  * (io_uring → native → threads) when VD_AIO_DEFAULT. */
 const struct vd_engine_ops *vd_engine_pick(enum vd_aio aio);
 int vd_aio_parse(const char *s, enum vd_aio *out);     /* "io_uring" | "native" | "threads" */
-int vd_cache_parse(const char *s, enum vd_cache *out); /* "none" | "writeback" (also "directsync"→none) */
+/* "none" | "writeback" | "unsafe" | "writethrough" | "directsync" (file.h) */
+int vd_cache_parse(const char *s, enum vd_cache *out);
+const char *vd_cache_name(enum vd_cache c);
 
 #endif

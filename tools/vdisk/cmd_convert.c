@@ -15,7 +15,9 @@
  * cluster is compressed and written by fmt->write_compressed on the worker
  * pool, so clusters compress in parallel. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <libgen.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -107,11 +109,13 @@ struct conv {
     unsigned ext_flags;
     int ext_depth;
     /* early flushes: start write-back while copying, so the final flush
-     * has little left to do */
+     * has little left to do. With early_kick (the default mode, whose only
+     * sync is the last) they only start write-back and are not syncs. */
     uint64_t unflushed;
-    bool flushing;
+    bool flushing, early_kick;
     uint64_t early_flush;       /* bytes between early flushes, 0: none */
     struct vd_req flush_req;
+    int kick_err;
 };
 
 #define EARLY_FLUSH (64ull << 20)
@@ -274,6 +278,27 @@ static void early_flush_done(struct vd_req *r, int res)
     worker_fill(w);
 }
 
+/* On the worker pool: sync_file_range may wait for the device queue. */
+static void kick_run(void *opaque)
+{
+    struct worker *w = opaque;
+    vd_err_clear();
+    w->cv->kick_err = vd_file_start_writeback(w->cv->dst_top->file, 0, 0);
+}
+
+static void kick_done(void *opaque)
+{
+    struct worker *w = opaque;
+    struct conv *cv = w->cv;
+    if (cv->kick_err < 0)
+        set_error(cv, cv->kick_err, "%s", vd_errmsg(cv->kick_err));
+    pthread_mutex_lock(&cv->lock);
+    cv->flushing = false;
+    pthread_mutex_unlock(&cv->lock);
+    w->inflight--;
+    worker_fill(w);
+}
+
 static void finish(struct chunk *ch)
 {
     struct worker *w = ch->w;
@@ -296,8 +321,12 @@ static void finish(struct chunk *ch)
     if (flush) {
         /* counted as in flight so that the worker waits for it */
         w->inflight++;
-        cv->flush_req = (struct vd_req){ .op = VD_OP_FLUSH, .done = early_flush_done, .opaque = w };
-        vd_disk_submit(cv->dst, &cv->flush_req);
+        if (cv->early_kick) {
+            vd_loop_offload(w->loop, kick_run, kick_done, w);
+        } else {
+            cv->flush_req = (struct vd_req){ .op = VD_OP_FLUSH, .done = early_flush_done, .opaque = w };
+            vd_disk_submit(cv->dst, &cv->flush_req);
+        }
     }
     worker_fill(w);
 }
@@ -743,6 +772,25 @@ static int target_opts(struct vd_opts *opts, const struct vd_format *fmt, const 
     return 0;
 }
 
+/* The folder entry of a new target must be durable too. Local files only. */
+static int sync_dir(const char *file)
+{
+    if (strstr(file, "://") || !strncmp(file, "rbd:", 4))
+        return 0;
+    char *copy = strdup(file);
+    if (!copy)
+        return -ENOMEM;
+    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int r = 0;
+    if (fd >= 0) {
+        if (fsync(fd) < 0 && errno != EINVAL && errno != EROFS)
+            r = vd_err(-errno, "syncing the folder of %s failed: %s", file, strerror(errno));
+        close(fd);
+    }
+    free(copy);
+    return r;
+}
+
 static int run(int argc, char **argv)
 {
     enum { OPT_TARGET_ZERO = 256, OPT_SALVAGE };
@@ -754,7 +802,8 @@ static int run(int argc, char **argv)
     };
     const char *ifmt = NULL, *ofmt = "raw", *backing = NULL, *backing_fmt = NULL;
     struct vd_opts opts = { 0 }, fopts = { 0 };
-    enum vd_cache scache = VD_CACHE_WRITEBACK, dcache = VD_CACHE_WRITEBACK;
+    enum vd_cache scache = VD_CACHE_WRITEBACK, dcache = VD_CACHE_UNSAFE;
+    bool dcache_given = false;
     uint64_t sparse = 4096, m = 8;
     bool compress = false, progress = false, quiet = false, no_create = false, ooo = false;
     bool target_is_zero = false, share = false, want_help = false;
@@ -804,6 +853,7 @@ static int run(int argc, char **argv)
         case 't':
             if (vd_cli_cache(optarg, &dcache) < 0)
                 goto out;
+            dcache_given = true;
             break;
         case 'T':
             if (vd_cli_cache(optarg, &scache) < 0)
@@ -869,7 +919,7 @@ static int run(int argc, char **argv)
         if (co.backing && !co.backing_fmt) {
             /* as qemu-img: a backing format is needed; probe it */
             char *path = vd_cli_backing_path(cv.dst_name, co.backing);
-            struct vd_cli_open bo = { .readonly = true, .force_share = true, .quiet = true };
+            struct vd_cli_open bo = { .format_opt = "-F", .readonly = true, .force_share = true };
             struct vd_disk *bd;
             if (!path || vd_cli_open(path, &bo, &bd) < 0) {
                 free(path);
@@ -904,9 +954,14 @@ static int run(int argc, char **argv)
     cv.in_order = !ooo;
     cv.progress = progress;
     cv.chunk = CHUNK_SIZE;
-    cv.early_flush = EARLY_FLUSH;
+    /* Early flushes start write-back while copying so that the final sync
+     * has little left to do: flushes with -t writeback / none, and
+     * write-back starts without a sync by default. Nothing with -t unsafe
+     * (no final sync to shorten) or writethrough (every write synced). */
+    cv.early_flush = dcache == VD_CACHE_WRITEBACK || dcache == VD_CACHE_NONE || !dcache_given ? EARLY_FLUSH : 0;
+    cv.early_kick = !dcache_given;
     const char *ef = getenv("VDISK_CONVERT_FLUSH_MB");     /* tuning knob for benchmarks */
-    if (ef)
+    if (ef && cv.early_flush)
         cv.early_flush = strtoull(ef, NULL, 10) << 20;
     if (compress) {
         uint32_t cl = cv.dst_top->cluster_size ? cv.dst_top->cluster_size : cv.dst_top->alloc_unit;
@@ -978,8 +1033,14 @@ static int run(int argc, char **argv)
         goto out;
     }
     vd_err_clear();
-    int r = vd_disk_close(cv.dst);
+    /* Without -t the copy ran with cache=unsafe (no syncs: the target is
+     * not complete before the end anyway) and is made durable here, once,
+     * so that `convert && rm source` cannot lose data. -t unsafe skips even
+     * that (qemu-img's default); other modes synced as they went. */
+    int r = dcache_given ? vd_disk_close(cv.dst) : vd_disk_close_durable(cv.dst);
     cv.dst = NULL;
+    if (r == 0 && !dcache_given && !no_create)
+        r = sync_dir(cv.dst_name);
     if (r < 0) {
         vd_cli_err("%s: error while flushing: %s", cv.dst_name, vd_errmsg(r));
         goto out;
@@ -1032,7 +1093,13 @@ static const struct vd_cli_cmd cmd_convert = {
     "  -W               allow writes out of order (faster; the target is less sequential)\n"
     "  -n               the target exists: do not create it (use --target-is-zero\n"
     "                   when it already reads as zeros, so that zeros are not written)\n"
-    "  -t / -T cache    target / source cache mode (writeback, none, ...)\n"
+    "  -t cache         target cache mode. Default: no syncs while copying, one\n"
+    "                   sync of the target at the end (durable when convert exits).\n"
+    "                   unsafe: no sync at all (qemu-img's default; the target may\n"
+    "                   be lost on a host crash); writeback: syncs as a format\n"
+    "                   orders its metadata, and at the end; none: O_DIRECT, synced\n"
+    "                   like writeback; writethrough / directsync: every write synced\n"
+    "  -T cache         source cache mode (writeback, none, ...)\n"
     "  -p               show progress;  -q  quiet;  -U  do not lock the sources\n",
     run,
 };
