@@ -92,10 +92,13 @@ static void queue_log(struct vd_vhost_blk *b, struct vhb_queue *q, struct vhb_st
     s->log_used_gpa = q->addr.log;
     if (s->log_used && q->num) {
         uint64_t last = q->addr.log + virtq_used_bytes(q->num) - 1;
-        if (last < q->addr.log || last / VHU_LOG_PAGE / 8 >= s->log->size)
+        if (last < q->addr.log || last / VHU_LOG_PAGE / 8 >= s->log->size) {
+            /* the spec wants the whole ring inside the log */
             fprintf(stderr, "vdisk: vhost-user-blk %s: queue %u: the used ring's log address 0x%llx "
                     "is past the log's end; its writes cannot be logged\n", b->path, q->index,
                     (unsigned long long)q->addr.log);
+            s->log_used = false;
+        }
     }
 }
 
