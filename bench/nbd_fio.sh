@@ -7,7 +7,10 @@
 #   O_DIRECT: vdiskd cache=none      | qemu-nbd --cache=none --aio=io_uring -e 8 | fio io_uring --direct=1 locally
 #   qcow2 (fully allocated, cache=none): vdiskd | qemu-nbd
 # Prints a table with the ratios vdiskd / peer (above 1: vdiskd is faster).
-#   RUNTIME=seconds per job (default 10), BENCH_DIR=where the images go
+#   RUNTIME=seconds per job (default 10), BENCH_DIR=where the images go,
+#   SETUPS="buf direct qcow2" and JOBS="randread randwrite seqread" (default
+#   all) to run a subset, REPEAT=n to run everything n times (servers
+#   interleaved) and report medians
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VDISKD=${VDISKD:-$PWD/build/bin/vdiskd}
@@ -75,47 +78,77 @@ nbd_run() {
         split(o, f, " "); ops = f[1] * (rt + 1); printf "%s %s %.1f", f[1], f[2], (ops > 0 ? d * 1e6 / hz / ops : 0) }'
 }
 
-declare -A R
-cat "$img" > /dev/null   # the page cache holds the image for the buffered runs
-for s in vdiskd qemu-nbd nbdkit; do
-    start "$s" "$img" raw writeback
-    for j in randread seqread randwrite; do R[buf,$s,$j]=$(nbd_run "$j"); echo "buffered $s $j: ${R[buf,$s,$j]}" >&2; done
+SETUPS=${SETUPS:-buf direct qcow2}
+JOBS=${JOBS:-randread seqread randwrite}
+REPEAT=${REPEAT:-1}
+want() { [[ " $SETUPS " == *" $1 "* ]]; }
+declare -A R ALL
+put() {   # KEY "IOPS MiB/s CPU": one more sample of KEY
+    ALL[$1]="${ALL[$1]:-}${ALL[$1]:+;}$2"
+    echo "$1 (run $rep): $2" >&2
+}
+# Each repetition runs every server in turn, so that a slow moment of the
+# shared machine hits all of them; the table shows the median of each column.
+for rep in $(seq "$REPEAT"); do
+    if want buf; then
+        cat "$img" > /dev/null   # the page cache holds the image for the buffered runs
+        for s in vdiskd qemu-nbd nbdkit; do
+            start "$s" "$img" raw writeback
+            for j in $JOBS; do put "buf,$s,$j" "$(nbd_run "$j")"; done
+        done
+    fi
+    if want direct; then
+        for s in vdiskd qemu-nbd; do
+            start "$s" "$img" raw none
+            for j in $JOBS; do put "direct,$s,$j" "$(nbd_run "$j")"; done
+        done
+        stop
+        for j in $JOBS; do
+            put "direct,local,$j" "$(fio_run "$j" --ioengine=io_uring --direct=1 --filename="$img")"
+        done
+    fi
+    if want qcow2; then
+        for s in vdiskd qemu-nbd; do
+            start "$s" "$qimg" qcow2 none
+            for j in $JOBS; do put "qcow2,$s,$j" "$(nbd_run "$j")"; done
+        done
+    fi
+    stop
 done
-for s in vdiskd qemu-nbd; do
-    start "$s" "$img" raw none
-    for j in randread seqread randwrite; do R[direct,$s,$j]=$(nbd_run "$j"); echo "O_DIRECT $s $j: ${R[direct,$s,$j]}" >&2; done
+for k in "${!ALL[@]}"; do
+    R[$k]=$(tr ';' '\n' <<<"${ALL[$k]}" | awk '{ for (i = 1; i <= NF; i++) v[i, NR] = $i + 0; nf = NF; n = NR }
+        END { for (i = 1; i <= nf; i++) {
+                  for (r = 1; r <= n; r++) a[r] = v[i, r]
+                  for (r = 2; r <= n; r++) for (q = r; q > 1 && a[q - 1] > a[q]; q--) { t = a[q]; a[q] = a[q - 1]; a[q - 1] = t }
+                  m = n % 2 ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
+                  printf "%s%s", (i > 1 ? " " : ""), m } }')
 done
-stop
-for j in randread seqread randwrite; do
-    R[direct,local,$j]=$(fio_run "$j" --ioengine=io_uring --direct=1 --filename="$img")
-    echo "O_DIRECT local io_uring $j: ${R[direct,local,$j]}" >&2
-done
-for s in vdiskd qemu-nbd; do
-    start "$s" "$qimg" qcow2 none
-    for j in randread seqread randwrite; do R[qcow2,$s,$j]=$(nbd_run "$j"); echo "qcow2 $s $j: ${R[qcow2,$s,$j]}" >&2; done
-done
-stop
 
 val() { # KEY -> the figure that matters: IOPS for 4k jobs, MiB/s for seqread
-    local v=${R[$1]}
+    local v=${R[$1]:-}
+    [ -n "$v" ] || { echo "-"; return; }
     case $1 in *seqread) awk '{print $2}' <<<"$v" ;; *) awk '{print $1}' <<<"$v" ;; esac
 }
-cpu() { awk '{print ($3 == "" ? "-" : $3)}' <<<"${R[$1]}"; }
+cpu() { awk '{print ($3 == "" ? "-" : $3)}' <<<"${R[$1]:-}"; }
 ratio() { awk -v a="$(val "$1")" -v b="$(val "$2")" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
+row() { [[ " $JOBS " == *" $2 "* ]] && want "$1"; }   # SETUP JOB: was it run
 unit() { case $1 in seqread) echo "MiB/s" ;; *) echo "IOPS" ;; esac; }
 
 echo
-echo "fio --ioengine=nbd, one connection, ${RT}s per job, $(nproc) CPUs, $(uname -r)"
+echo "fio --ioengine=nbd, one connection, ${RT}s per job, median of $REPEAT run(s), $(nproc) CPUs, $(uname -r)"
 echo
 echo "| setup | job | vdiskd | qemu-nbd | nbdkit / local | vdiskd/qemu-nbd | vdiskd/nbdkit or local |"
 echo "|---|---|---|---|---|---|---|"
 for j in randread randwrite seqread; do
+    row buf $j || continue
     echo "| buffered raw | $j ($(unit $j)) | $(val buf,vdiskd,$j) | $(val buf,qemu-nbd,$j) | $(val buf,nbdkit,$j) | $(ratio buf,vdiskd,$j buf,qemu-nbd,$j) | $(ratio buf,vdiskd,$j buf,nbdkit,$j) |"
 done
 for j in randread randwrite seqread; do
+    row direct $j || continue
     echo "| O_DIRECT raw | $j ($(unit $j)) | $(val direct,vdiskd,$j) | $(val direct,qemu-nbd,$j) | $(val direct,local,$j) | $(ratio direct,vdiskd,$j direct,qemu-nbd,$j) | $(ratio direct,vdiskd,$j direct,local,$j) |"
 done
 for j in randread randwrite seqread; do
+    row qcow2 $j || continue
     echo "| qcow2 O_DIRECT | $j ($(unit $j)) | $(val qcow2,vdiskd,$j) | $(val qcow2,qemu-nbd,$j) | - | $(ratio qcow2,vdiskd,$j qcow2,qemu-nbd,$j) | - |"
 done
 echo
@@ -124,12 +157,15 @@ echo
 echo "| setup | job | vdiskd | qemu-nbd | nbdkit |"
 echo "|---|---|---|---|---|"
 for j in randread randwrite seqread; do
+    row buf $j || continue
     echo "| buffered raw | $j | $(cpu buf,vdiskd,$j) | $(cpu buf,qemu-nbd,$j) | $(cpu buf,nbdkit,$j) |"
 done
 for j in randread randwrite seqread; do
+    row direct $j || continue
     echo "| O_DIRECT raw | $j | $(cpu direct,vdiskd,$j) | $(cpu direct,qemu-nbd,$j) | - |"
 done
 for j in randread randwrite seqread; do
+    row qcow2 $j || continue
     echo "| qcow2 O_DIRECT | $j | $(cpu qcow2,vdiskd,$j) | $(cpu qcow2,qemu-nbd,$j) | - |"
 done
 echo

@@ -8,6 +8,8 @@
 # per case, and the ratios vdiskd / qemu-nbd and vdiskd / fio-rbd.
 #   RUNTIME=15  seconds per case     SIZE=1G  image size (prefilled)
 #   VDISKD=build/bin/vdiskd          RBD_CONF=… use a running cluster instead
+#   RBD_IMAGE=NAME  with RBD_CONF: an existing, filled image in pool rbd (kept)
+#   RWS="randread randwrite"         TOOLS="vdiskd qemu-nbd fio-rbd"  (subsets)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VDISKD=${VDISKD:-build/bin/vdiskd}
@@ -31,14 +33,15 @@ else
     conf=$(tests/rbd/cluster.sh start "$dir/ceph" rbd)
 fi
 osd=$(cat "$(dirname "$conf")/osd.pid" 2>/dev/null || echo)
-img=bench$$
-timeout 60 rbd -c "$conf" create "rbd/$img" --size "$SIZE"
-name="rbd:rbd/$img:conf=$conf"
+img=${RBD_IMAGE:-bench$$}
 export CEPH_CONF=$conf
-
-# prefill, so that reads find data everywhere
-timeout 600 fio --name=fill --ioengine=rbd --pool=rbd --rbdname="$img" --clientname=admin \
-    --rw=write --bs=4M --iodepth=4 --size="$SIZE" > /dev/null
+name="rbd:rbd/$img:conf=$conf"
+if [ -z "${RBD_IMAGE:-}" ]; then
+    timeout 60 rbd -c "$conf" create "rbd/$img" --size "$SIZE"
+    # prefill, so that reads find data everywhere
+    timeout 600 fio --name=fill --ioengine=rbd --pool=rbd --rbdname="$img" --clientname=admin \
+        --rw=write --bs=4M --iodepth=4 --size="$SIZE" > /dev/null
+fi
 
 ticks=$(getconf CLK_TCK)
 cpu_of() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
@@ -89,11 +92,13 @@ one() {
 }
 
 echo "# bench/rbd.sh: 4 KiB QD32, ${RUNTIME}s per case, $SIZE image, $(nproc) CPUs, $(ceph-osd --version | awk '{print $3}') memstore OSD"
-for rw in randread randwrite; do
-    for tool in vdiskd qemu-nbd fio-rbd; do one "$tool" "$rw"; done
+RWS=${RWS:-randread randwrite}
+TOOLS=${TOOLS:-vdiskd qemu-nbd fio-rbd}
+for rw in $RWS; do
+    for tool in $TOOLS; do one "$tool" "$rw"; done
 done
-for rw in randread randwrite; do
-    awk -v v="${IOPS[vdiskd.$rw]}" -v q="${IOPS[qemu-nbd.$rw]}" -v f="${IOPS[fio-rbd.$rw]}" -v rw="$rw" \
-        'BEGIN { printf "%-10s vdiskd/qemu-nbd %.2fx (target >= 1.2)   vdiskd/fio-rbd %.2fx (target >= 0.8)\n", rw, v / q, v / f }'
+for rw in $RWS; do
+    awk -v v="${IOPS[vdiskd.$rw]:-0}" -v q="${IOPS[qemu-nbd.$rw]:-0}" -v f="${IOPS[fio-rbd.$rw]:-0}" -v rw="$rw" \
+        'BEGIN { printf "%-10s vdiskd/qemu-nbd %.2fx (target >= 1.2)   vdiskd/fio-rbd %.2fx (target >= 0.8)\n", rw, q ? v / q : 0, f ? v / f : 0 }'
 done
-timeout 60 rbd -c "$conf" rm "rbd/$img" > /dev/null 2>&1 || true
+[ -n "${RBD_IMAGE:-}" ] || timeout 60 rbd -c "$conf" rm "rbd/$img" > /dev/null 2>&1 || true

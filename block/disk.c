@@ -10,6 +10,7 @@
 #include <sys/stat.h>
 #include "vdisk/error.h"
 #include "disk_internal.h"
+#include "block/file_int.h"
 
 #define MAX_CHAIN 1024
 
@@ -52,8 +53,9 @@ char *vd_backing_path(const char *image, const char *backing)
     return out;
 }
 
+/* parent: the layer whose backing file this is, or NULL for the top. */
 static int layer_open(const char *filename, const char *fmt_name, const struct vd_open_opts *o,
-                      bool readonly, struct vd_layer **out)
+                      bool readonly, const struct vd_layer *parent, struct vd_layer **out)
 {
     struct vd_layer *l = calloc(1, sizeof(*l));
     if (!l)
@@ -73,8 +75,16 @@ static int layer_open(const char *filename, const char *fmt_name, const struct v
     if (ret == 0)
         ret = vd_file_open(filename, (readonly ? VD_FILE_RDONLY : 0) | (o->nolock ? VD_FILE_NOLOCK : 0),
                            o->cache, &l->file);
-    if (ret == 0 && !fmt)
+    if (ret == 0 && !fmt) {
+        /* Probed by content; a file no format claims is never taken for
+         * raw, for a backing file either: its format must be recorded. */
         ret = vd_format_probe(l->file, &fmt);
+        if (ret == -EINVAL && parent)
+            ret = vd_err(-EINVAL, "%s: image format not recognised, and %s does not record the "
+                         "format of its backing file; if it is raw, record that: "
+                         "vdisk rebase -u -b %s -F raw %s", filename, parent->filename,
+                         parent->backing_name, parent->filename);
+    }
     if (ret == 0) {
         l->fmt = fmt;
         ret = fmt->open(l);
@@ -122,7 +132,7 @@ static int open_chain(struct vd_disk *d, const struct vd_open_opts *o)
         }
         struct vd_open_opts bo = *o;
         bo.nolock = true;           /* several children may share a base */
-        int r = layer_open(name, l->backing_fmt, &bo, true, &l->backing);
+        int r = layer_open(name, l->backing_fmt, &bo, true, l, &l->backing);
         if (r < 0) {
             vd_err_prefix(r, "Could not open backing file of %s", l->filename);
             free(name);
@@ -147,7 +157,7 @@ int vd_disk_open(const char *filename, const struct vd_open_opts *o, struct vd_d
         return -ENOMEM;
     d->opts = *o;
     d->readonly = o->readonly;
-    int r = layer_open(filename, o->format, o, o->readonly, &d->top);
+    int r = layer_open(filename, o->format, o, o->readonly, NULL, &d->top);
     if (r == 0)
         r = open_chain(d, o);
     if (r < 0) {
@@ -182,6 +192,26 @@ int vd_disk_close(struct vd_disk *d)
     int r = d->readonly ? 0 : vd_layer_flush_sync(d->top);
     layer_close(d->top);
     free(d);
+    return r;
+}
+
+int vd_disk_sync_now(struct vd_disk *d)
+{
+    if (!d || d->readonly)
+        return 0;
+    vd_file_force_sync_begin();
+    int r = vd_layer_flush_sync(d->top);
+    vd_file_force_sync_end();
+    return r;
+}
+
+int vd_disk_close_durable(struct vd_disk *d)
+{
+    /* The format's close may write once more after the flush (qcow2
+     * clears its dirty bit) and syncs that itself: forced too. */
+    vd_file_force_sync_begin();
+    int r = vd_disk_close(d);
+    vd_file_force_sync_end();
     return r;
 }
 

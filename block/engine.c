@@ -181,14 +181,11 @@ int vd_aio_parse(const char *s, enum vd_aio *out)
 
 int vd_cache_parse(const char *s, enum vd_cache *out)
 {
-    /* qemu's cache modes. vdisk has two host behaviours: O_DIRECT or the
-     * page cache. Flushes are always honoured, so "unsafe" and
-     * "writethrough" get writeback's behaviour (images are still flushed
-     * on close and on every guest flush). */
+    /* qemu's cache modes; see enum vd_cache for what each does here. */
     static const struct { const char *name; enum vd_cache v; } names[] = {
-        { "none", VD_CACHE_NONE }, { "directsync", VD_CACHE_NONE },
-        { "writeback", VD_CACHE_WRITEBACK }, { "writethrough", VD_CACHE_WRITEBACK },
-        { "unsafe", VD_CACHE_WRITEBACK },
+        { "none", VD_CACHE_NONE }, { "directsync", VD_CACHE_DIRECTSYNC },
+        { "writeback", VD_CACHE_WRITEBACK }, { "writethrough", VD_CACHE_WRITETHROUGH },
+        { "unsafe", VD_CACHE_UNSAFE },
     };
     for (size_t i = 0; s && i < sizeof(names) / sizeof(names[0]); i++) {
         if (strcmp(s, names[i].name) == 0) {
@@ -198,4 +195,16 @@ int vd_cache_parse(const char *s, enum vd_cache *out)
     }
     return vd_err(-EINVAL, "invalid cache mode '%s' (expected none, writeback, "
                   "directsync, writethrough or unsafe)", s ? s : "");
+}
+
+const char *vd_cache_name(enum vd_cache c)
+{
+    switch (c) {
+    case VD_CACHE_WRITEBACK:    return "writeback";
+    case VD_CACHE_NONE:         return "none";
+    case VD_CACHE_UNSAFE:       return "unsafe";
+    case VD_CACHE_WRITETHROUGH: return "writethrough";
+    case VD_CACHE_DIRECTSYNC:   return "directsync";
+    }
+    return "?";
 }

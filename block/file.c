@@ -13,6 +13,7 @@
 #include <unistd.h>
 #include "vdisk/error.h"
 #include "vdisk/file.h"
+#include "block/file_int.h"
 
 #define MAX_PROTOS 8
 static const struct vd_proto *protos[MAX_PROTOS];
@@ -49,6 +50,7 @@ int vd_file_open(const char *name, int flags, enum vd_cache cache, struct vd_fil
     f->fd = -1;
     f->align = 1;
     f->readonly = flags & VD_FILE_RDONLY;
+    f->unsafe = cache == VD_CACHE_UNSAFE;
     f->name = strdup(name);
     pthread_mutex_init(&f->rmw_lock, NULL);
     int r = f->name ? p->open(f, name, flags, cache) : -ENOMEM;
@@ -88,9 +90,80 @@ int vd_file_pwrite(struct vd_file *f, const void *buf, size_t len, uint64_t off)
     return len ? DISPATCH(pwrite, buf, len, off) : 0;
 }
 
-int vd_file_sync(struct vd_file *f)
+/* Depth of vd_file_force_sync_begin on this thread: the forced syncs run
+ * synchronously on the thread that asked for them. */
+static _Thread_local int force_sync;
+
+void vd_file_force_sync_begin(void)
+{
+    force_sync++;
+}
+
+void vd_file_force_sync_end(void)
+{
+    force_sync--;
+}
+
+bool vd_file_sync_skipped(const struct vd_file *f)
+{
+    return f->unsafe && force_sync == 0;
+}
+
+int vd_file_sync_now(struct vd_file *f)
 {
     return f->proto->sync ? f->proto->sync(f) : 0;
+}
+
+int vd_file_sync(struct vd_file *f)
+{
+    if (vd_file_sync_skipped(f))
+        return 0;
+    return vd_file_sync_now(f);
+}
+
+int vd_file_start_writeback(struct vd_file *f, uint64_t off, uint64_t len)
+{
+    if (f->proto != &posix_proto || f->fd < 0 || f->direct || f->readonly)
+        return 0;
+    if (sync_file_range(f->fd, (off_t)off, (off_t)len, SYNC_FILE_RANGE_WRITE) < 0 &&
+        errno != ESPIPE && errno != EINVAL)
+        return vd_err(-errno, "%s: starting write-back failed: %s", f->name, strerror(errno));
+    return 0;
+}
+
+int vd_file_pwrite_durable(struct vd_file *f, const void *buf, size_t len, uint64_t off)
+{
+    if (f->readonly)
+        return vd_err(-EROFS, "%s: opened read-only", f->name);
+    if (vd_file_sync_skipped(f))
+        return vd_file_pwrite(f, buf, len, off);
+    /* Local buffered files: RWF_DSYNC writes back this range alone, then
+     * flushes the disk cache, rather than all the data written since the
+     * last sync. */
+    if (f->proto == &posix_proto && !f->direct) {
+        const char *p = buf;
+        while (len) {
+            struct iovec iov = { (void *)p, len };
+            ssize_t n = pwritev2(f->fd, &iov, 1, (off_t)off, RWF_DSYNC);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EOPNOTSUPP || errno == EINVAL)
+                    break;      /* no per-write sync here: write, then sync */
+                int e = errno;
+                return vd_err(-e, "%s: write of %zu bytes at offset %llu failed: %s",
+                              f->name, len, (unsigned long long)off, strerror(e));
+            }
+            p += n;
+            off += (uint64_t)n;
+            len -= (size_t)n;
+        }
+        if (!len)
+            return 0;
+        buf = p;
+    }
+    int r = vd_file_pwrite(f, buf, len, off);
+    return r < 0 ? r : vd_file_sync(f);
 }
 
 int vd_file_size(struct vd_file *f, uint64_t *size)
@@ -186,7 +259,7 @@ static int posix_open(struct vd_file *f, const char *name, int flags, enum vd_ca
     int oflags = O_CLOEXEC | ((flags & VD_FILE_RDONLY) ? O_RDONLY : O_RDWR);
     if (flags & VD_FILE_CREATE)
         oflags |= O_CREAT | ((flags & VD_FILE_TRUNC) ? O_TRUNC : O_EXCL);
-    if (cache == VD_CACHE_NONE)
+    if (vd_cache_direct(cache))
         oflags |= O_DIRECT;
     f->fd = open(name, oflags, 0644);
     if (f->fd < 0 && errno == EINVAL && (oflags & O_DIRECT))

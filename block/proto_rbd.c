@@ -5,7 +5,7 @@
  * KEY=VALUE other than conf, id, timeout and lock_timeout is a Ceph option,
  * rados_conf_set).
  *
- * Data I/O is asynchronous through librbd's aio calls; the completion
+ * Data I/O, discard and write-zeroes are asynchronous through librbd's aio calls; the completion
  * callback (on a librbd thread) only records the result and posts the io
  * back to its loop, so no thread is blocked per request. Metadata paths use
  * the synchronous calls. Block status comes from librbd's allocation diff,
@@ -42,6 +42,8 @@
 #define RBD_GROW_MIN (64ULL << 20)
 #define RBD_GROW_MAX (1ULL << 30)
 #define RBD_GROW_ALIGN (4ULL << 20)
+/* The most one librbd zeroing call is given (its length must fit an int). */
+#define RBD_ZERO_CHUNK (1ULL << 30)
 /* Block status is computed for this much of the image at a time. */
 #define RBD_DIFF_WINDOW (1ULL << 30)
 
@@ -662,7 +664,7 @@ static int zero_range(struct vd_file *f, uint64_t off, uint64_t len, bool thick,
     while (len) {
         /* write_zeroes without THICK_PROVISION discards, zeroing partial
          * objects (unlike rbd_discard, which may skip them). */
-        size_t chunk = len > (1u << 30) ? (1u << 30) : (size_t)len;
+        size_t chunk = len > RBD_ZERO_CHUNK ? RBD_ZERO_CHUNK : (size_t)len;
         ssize_t w = rbd_write_zeroes(st->image, off, chunk, thick ? RBD_WRITE_ZEROES_FLAG_THICK_PROVISION : 0, 0);
         if (w < 0) { r = io_error(st, what, off, chunk, (int)w); break; }
         off += chunk; len -= chunk;
@@ -834,14 +836,32 @@ static void iov_zero_from(struct iovec *iov, int n, uint64_t from)
     }
 }
 
+static bool zeroing(const struct vd_io *io) { return io->op == VD_IO_PUNCH || io->op == VD_IO_ZERO; }
+
+static uint64_t io_len(const struct vd_io *io)
+{
+    return zeroing(io) ? io->len : io->op == VD_IO_SYNC ? 0 : iov_len(io->iov, io->iovcnt);
+}
+
+static const char *op_name(const struct vd_io *io)
+{
+    switch (io->op) {
+    case VD_IO_READ:  return "read";
+    case VD_IO_WRITE: return "write";
+    case VD_IO_PUNCH: return "discard";
+    case VD_IO_ZERO:  return "write zeroes";
+    default:          return "flush";
+    }
+}
+
 /* On the io's loop: finish it. io->xfer holds librbd's return value. */
 static void aio_finish(void *opaque)
 {
     struct vd_io *io = opaque;
     struct rbd_state *st = io->file->priv;
     int64_t r = (int64_t)io->xfer;
-    uint64_t len = iov_len(io->iov, io->iovcnt);
-    if (io->op == VD_IO_WRITE) bump(st);
+    uint64_t len = io_len(io);
+    if (io->op == VD_IO_WRITE || zeroing(io)) bump(st);
     if (r >= 0) {
         if (io->op == VD_IO_READ && (uint64_t)r < len) iov_zero_from(io->iov, io->iovcnt, (uint64_t)r);
         io->xfer = len;
@@ -849,7 +869,7 @@ static void aio_finish(void *opaque)
         return;
     }
     io->xfer = 0;
-    io_error(st, io->op == VD_IO_READ ? "read" : io->op == VD_IO_WRITE ? "write" : "flush", io->off, len, (int)r);
+    io_error(st, op_name(io), io->off, len, (int)r);
     io->done(io, (int)r);
 }
 
@@ -869,6 +889,76 @@ static void aio_fail(struct vd_io *io, int r)
     vd_loop_post(io->loop, aio_finish, io);
 }
 
+/* A zeroing larger than one librbd call takes: its parts in flight at once;
+ * the last to finish finishes the io with the first error. */
+struct zero_parts {
+    struct vd_io *io;
+    atomic_int left;
+    _Atomic int64_t err;
+};
+
+static void zero_parts_put(struct zero_parts *z)
+{
+    if (atomic_fetch_sub(&z->left, 1) != 1) return;
+    z->io->xfer = (uint64_t)atomic_load(&z->err);
+    vd_loop_post(z->io->loop, aio_finish, z->io);
+    free(z);
+}
+
+static void zero_part_cb(rbd_completion_t c, void *arg)
+{
+    struct zero_parts *z = arg;
+    int64_t r = rbd_aio_get_return_value(c), ok = 0;
+    rbd_aio_release(c);
+    if (r < 0) atomic_compare_exchange_strong(&z->err, &ok, r);
+    zero_parts_put(z);
+}
+
+/* Discard (punch) or write zeroes asynchronously. librbd's write_zeroes
+ * without THICK_PROVISION deallocates whole objects and zeroes partial
+ * ones (rbd_aio_discard may leave partial objects as they were, with
+ * rbd_skip_partial_discard), so both go through it. */
+static void submit_zero(struct rbd_state *st, struct vd_io *io)
+{
+    int flags = io->op == VD_IO_ZERO ? RBD_WRITE_ZEROES_FLAG_THICK_PROVISION : 0;
+    uint64_t size = atomic_load(&st->size), off = io->off, len = io->len;
+    rbd_completion_t c;
+    int r;
+    if (st->readonly) { aio_fail(io, -EROFS); return; }
+    if (off >= size || len == 0) { io->xfer = 0; vd_loop_post(io->loop, aio_finish, io); return; }
+    if (len > size - off) len = size - off;
+    bump(st);
+    if (len <= RBD_ZERO_CHUNK) {
+        if ((r = rbd_aio_create_completion(io, aio_cb, &c)) < 0) { aio_fail(io, r); return; }
+        if ((r = rbd_aio_write_zeroes(st->image, off, (size_t)len, c, flags, 0)) < 0) {
+            rbd_aio_release(c);
+            aio_fail(io, r);
+        }
+        return;
+    }
+    struct zero_parts *z = calloc(1, sizeof(*z));
+    if (!z) { aio_fail(io, -ENOMEM); return; }
+    z->io = io;
+    atomic_init(&z->left, 1);           /* ours, until every part is in flight */
+    atomic_init(&z->err, 0);
+    while (len) {
+        uint64_t n = len < RBD_ZERO_CHUNK ? len : RBD_ZERO_CHUNK;
+        r = rbd_aio_create_completion(z, zero_part_cb, &c);
+        if (r == 0) {
+            atomic_fetch_add(&z->left, 1);
+            r = rbd_aio_write_zeroes(st->image, off, (size_t)n, c, flags, 0);
+            if (r < 0) { rbd_aio_release(c); atomic_fetch_sub(&z->left, 1); }
+        }
+        if (r < 0) {
+            int64_t ok = 0;
+            atomic_compare_exchange_strong(&z->err, &ok, (int64_t)r);
+            break;
+        }
+        off += n; len -= n;
+    }
+    zero_parts_put(z);
+}
+
 static void rbd_submit_(struct vd_file *f, struct vd_io *io)
 {
     struct rbd_state *st = f->priv;
@@ -876,6 +966,7 @@ static void rbd_submit_(struct vd_file *f, struct vd_io *io)
     uint64_t len = io->op == VD_IO_SYNC ? 0 : iov_len(io->iov, io->iovcnt);
     int r;
 
+    if (zeroing(io)) { submit_zero(st, io); return; }
     if (io->op == VD_IO_WRITE) {
         if (st->readonly) { aio_fail(io, -EROFS); return; }
         if (len && (r = grow_to(st, io->off + len)) < 0) { aio_fail(io, r); return; }
@@ -914,6 +1005,7 @@ static const struct vd_proto rbd_proto = {
     .extent = rbd_extent_,
     .allocated_bytes = rbd_allocated_bytes_,
     .submit = rbd_submit_,
+    .submit_zero = true,
 };
 
 __attribute__((constructor)) static void rbd_register(void)

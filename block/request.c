@@ -177,7 +177,7 @@ static bool io_aligned(const struct vd_io *io)
 static void submit_host(struct vd_req *r, struct subio *s)
 {
     struct vd_io *io = &s->io;
-    if (io->op == VD_IO_SYNC || io_aligned(io)) {
+    if ((io->op != VD_IO_READ && io->op != VD_IO_WRITE) || io_aligned(io)) {
         vd_loop_submit_io(r->loop, io);
         return;
     }
@@ -594,10 +594,66 @@ static void zero_next(struct vd_req *sub, int res)
     req_put(r, res);
 }
 
+/* Raw on a backend that zeroes asynchronously (RBD): discard and
+ * write-zeroes become host I/O on the loop like reads and writes, instead
+ * of a synchronous call that would hold the loop, and every export on it,
+ * for a cluster round trip. Raw maps every offset to itself, so its
+ * discard and zero are exactly the file's punch and zero. */
+static bool zero_async(const struct vd_layer *l)
+{
+    return !strcmp(l->fmt->name, "raw") && l->file && l->file->proto &&
+           l->file->proto->submit && l->file->proto->submit_zero;
+}
+
+static void zeroes_fallback(struct vd_req *r);
+
+static void zero_host_done(struct vd_io *io, int res)
+{
+    struct subio *s = (struct subio *)io;
+    struct vd_req *r = s->r;
+    bool zeroes = r->op == VD_OP_WRITE_ZEROES;
+    subio_free(s);
+    if (res == -ENOTSUP && !zeroes)
+        res = 0;                    /* discard is advisory */
+    else if (res == -ENOTSUP && !(r->flags & VD_REQ_FAST_ZERO)) {
+        zeroes_fallback(r);         /* write zeros instead */
+        res = 0;
+    }
+    req_put(r, res);
+}
+
+static int zero_host(struct vd_req *r, struct vd_layer *l, enum vd_io_op op)
+{
+    struct subio *s = subio_new(r, op, l->file, r->off, zero_host_done);
+    if (!s)
+        return -ENOMEM;
+    s->io.len = r->len;
+    r->pending++;
+    submit_host(r, s);
+    return 0;
+}
+
+static void zeroes_fallback(struct vd_req *r)
+{
+    struct zero_state *z = calloc(1, sizeof(*z));
+    if (!z) {
+        if (r->err == 0)
+            r->err = -ENOMEM;
+        return;
+    }
+    z->parent = r;
+    z->off = r->off;
+    z->end = r->off + r->len;
+    r->pending++;
+    zero_issue(z);
+}
+
 static int zeroes_start(struct vd_req *r)
 {
     struct vd_layer *l = r->disk->top;
     int ret = -ENOTSUP;
+    if (zero_async(l))
+        return zero_host(r, l, (r->flags & VD_REQ_MAY_UNMAP) ? VD_IO_PUNCH : VD_IO_ZERO);
     if (l->fmt->zero) {
         pthread_mutex_lock(&l->lock);
         ret = l->fmt->zero(l, r->off, r->len, r->flags & (VD_REQ_MAY_UNMAP | VD_REQ_FAST_ZERO));
@@ -607,14 +663,7 @@ static int zeroes_start(struct vd_req *r)
         return ret;
     if (r->flags & VD_REQ_FAST_ZERO)
         return -ENOTSUP;
-    struct zero_state *z = calloc(1, sizeof(*z));
-    if (!z)
-        return -ENOMEM;
-    z->parent = r;
-    z->off = r->off;
-    z->end = r->off + r->len;
-    r->pending++;
-    zero_issue(z);
+    zeroes_fallback(r);
     return 0;
 }
 
@@ -623,6 +672,8 @@ static int discard_start(struct vd_req *r)
     struct vd_layer *l = r->disk->top;
     if (!l->discard_unmap || !l->fmt->discard)
         return 0;                   /* advisory */
+    if (zero_async(l))
+        return zero_host(r, l, VD_IO_PUNCH);
     pthread_mutex_lock(&l->lock);
     int ret = l->fmt->discard(l, r->off, r->len, 0);
     pthread_mutex_unlock(&l->lock);
@@ -650,6 +701,10 @@ void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
         r->done(r, ret < 0 ? ret : -ENOMEM);
         return;
     }
+    /* writethrough / directsync: every write is durable when it completes */
+    if (r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
+        (d->opts.cache == VD_CACHE_WRITETHROUGH || d->opts.cache == VD_CACHE_DIRECTSYNC))
+        r->flags |= VD_REQ_FUA;
     switch (r->op) {
     case VD_OP_READ:
         ret = read_range(r, d->top, r->off, r->len, 0);

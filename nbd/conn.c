@@ -31,7 +31,8 @@
 #define MAX_IOV    256
 
 static struct vd_nbd_server_config cfg = { .max_inflight = VD_NBD_MAX_INFLIGHT,
-                                            .handshake_seconds = VD_NBD_HANDSHAKE_SECONDS };
+                                            .handshake_seconds = VD_NBD_HANDSHAKE_SECONDS,
+                                            .drain_seconds = VD_NBD_DRAIN_SECONDS };
 
 void vd_nbd_server_configure(const struct vd_nbd_server_config *c)
 {
@@ -40,6 +41,8 @@ void vd_nbd_server_configure(const struct vd_nbd_server_config *c)
         cfg.max_inflight = VD_NBD_MAX_INFLIGHT;
     if (!cfg.handshake_seconds)
         cfg.handshake_seconds = VD_NBD_HANDSHAKE_SECONDS;
+    if (!cfg.drain_seconds)
+        cfg.drain_seconds = VD_NBD_DRAIN_SECONDS;
 }
 
 enum phase { P_HS, P_TLS, P_XMIT };
@@ -93,6 +96,9 @@ struct conn {
     bool dead;                  /* drop output, close when the disk is done */
     bool busy, again;           /* progress() re-entrancy */
     bool rd_idle;               /* the last read found nothing: wait for EPOLLIN */
+    bool draining;              /* export removal / shutdown: serve what the client
+                                 * has already sent, send every reply, then close */
+    uint64_t drain_timer;       /* bounds the drain for a client that stops reading */
     bool dirty;                 /* on this thread's list of replies to push out */
     struct conn *dnext;
     uint64_t hs_timer;          /* closes a connection stuck in the handshake */
@@ -1033,6 +1039,17 @@ static void do_tls(struct conn *c)
     }
 }
 
+/* The socket has nothing more to read. While draining, that is the end
+ * of what the client sent before the export went away: read no more (a
+ * WRITE whose payload is still incomplete is abandoned). */
+static bool drained_input(struct conn *c)
+{
+    if (!c->draining)
+        return false;
+    c->read_closed = true;
+    return true;
+}
+
 /* Read and process input until blocked. Returns true on progress. */
 static bool do_read(struct conn *c)
 {
@@ -1065,7 +1082,7 @@ static bool do_read(struct conn *c)
         if (c->rx && c->in_pos == c->in_len && c->rx->h.len - c->rx->got >= 65536) {
             struct nreq *q = c->rx;
             if (c->rd_idle && !c->ssl)
-                return moved;
+                return drained_input(c) || moved;
             n = xread(c, q->buf + q->got, q->h.len - q->got);
             if (n > 0) {
                 q->got += (uint32_t)n;
@@ -1085,7 +1102,7 @@ static bool do_read(struct conn *c)
             if (c->in_len == IN_CAP)
                 return moved;   /* cannot happen: requests are consumed */
             if (c->rd_idle && !c->ssl)
-                return moved;   /* nothing new since the last EAGAIN */
+                return drained_input(c) || moved;   /* nothing new since the last EAGAIN */
             n = xread(c, c->in + c->in_len, IN_CAP - c->in_len);
             if (n > 0) {
                 c->in_len += (size_t)n;
@@ -1095,7 +1112,7 @@ static bool do_read(struct conn *c)
         }
         if (n == -EAGAIN) {
             c->rd_idle = true;
-            return moved;
+            return drained_input(c) || moved;
         }
         if (n == 0)
             c->read_closed = true;
@@ -1210,6 +1227,8 @@ static void destroy(struct conn *c)
     undirty(c);
     if (c->hs_timer)
         vd_loop_cancel_timer(c->loop, c->hs_timer);
+    if (c->drain_timer)
+        vd_loop_cancel_timer(c->loop, c->drain_timer);
     vd_loop_del_fd(c->loop, c->rfd);
     if (c->wfd != c->rfd)
         vd_loop_del_fd(c->loop, c->wfd);
@@ -1264,7 +1283,7 @@ static void progress(struct conn *c)
     /* Done when nothing is inside the disk and either the connection is
      * broken or the client is gone and has had all its replies. */
     if (c->pending_io == 0 &&
-        (c->dead || (c->read_closed && !out_pending(c) && !c->rx))) {
+        (c->dead || (c->read_closed && !out_pending(c) && (!c->rx || c->draining)))) {
         destroy(c);
         return;
     }
@@ -1340,6 +1359,16 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
 
 /* ---- stopping connections ---- */
 
+static void drain_timeout(void *opaque)
+{
+    struct conn *c = opaque;
+    c->drain_timer = 0;
+    vd_log(VD_LOG_WARN, "%s: replies still unsent after %u s of draining, closing", c->peer,
+           cfg.drain_seconds);
+    c->dead = true;
+    progress(c);
+}
+
 struct kill_job {
     struct vd_loop *loop;
     struct vd_export *exp;   /* NULL: every connection */
@@ -1364,13 +1393,25 @@ static void kill_on_loop(void *opaque)
         v[n++] = c;
     }
     pthread_mutex_unlock(&reg_lock);
-    /* Connections of this loop are only freed on this thread: safe to use. */
-    /* The export (or the daemon) is going: requests inside the disk finish,
-     * replies not yet sent are dropped, and the connection closes. */
+    /* Connections of this loop are only freed on this thread: safe to use.
+     * The export (or the daemon) is going. A connection in transmission
+     * drains: the requests the client has already sent (whatever the socket
+     * holds now) run, every reply is sent, then it closes; a client that
+     * does not read its replies is cut off after cfg.drain_seconds. One
+     * still in the handshake has nothing to finish and closes at once. */
     for (size_t i = 0; i < n; i++) {
-        v[i]->read_closed = true;
-        v[i]->dead = true;
-        progress(v[i]);
+        struct conn *c = v[i];
+        if (c->draining || c->dead)
+            continue;
+        if (c->phase != P_XMIT) {
+            c->read_closed = true;
+            c->dead = true;
+        } else {
+            c->draining = true;
+            c->rd_idle = false;     /* look at the socket once more */
+            c->drain_timer = vd_loop_timer(c->loop, cfg.drain_seconds * 1000ull, drain_timeout, c);
+        }
+        progress(c);
     }
     free(v);
     if (k->exp)
@@ -1400,8 +1441,11 @@ static void kill_everywhere(struct vd_export *e)
 void vd_nbd_close_all(void)
 {
     kill_everywhere(NULL);
-    /* Wait (bounded) until every connection's in-flight requests are done. */
-    for (int i = 0; i < 30000 && vd_nbd_connections(); i++)
+    /* Wait until every connection has drained: each is closed by its own
+     * drain timer at the latest; the extra time is for the disk to finish
+     * requests already inside it (a hung device still does not hang us). */
+    uint64_t limit = (cfg.drain_seconds + 25) * 1000ull;
+    for (uint64_t i = 0; i < limit && vd_nbd_connections(); i++)
         usleep(1000);
 }
 

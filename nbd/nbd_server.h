@@ -21,6 +21,8 @@
 #define VD_NBD_MAX_INFLIGHT_BYTES (64u * 1024 * 1024)
 #define VD_NBD_MAX_EXTENTS    2048u                 /* descriptors per block status reply */
 #define VD_NBD_HANDSHAKE_SECONDS 60u                /* to choose an export, else closed */
+#define VD_NBD_DRAIN_SECONDS  5u                    /* export removal / shutdown: to take
+                                                     * the remaining replies, else closed */
 
 enum vd_nbd_tls { VD_NBD_TLS_OFF, VD_NBD_TLS_ON, VD_NBD_TLS_REQUIRE };
 
@@ -142,6 +144,7 @@ struct vd_nbd_server_config {
     struct vd_nbd_tls_ctx *tls_ctx;     /* required unless tls == OFF */
     unsigned max_inflight;              /* 0: VD_NBD_MAX_INFLIGHT */
     unsigned handshake_seconds;         /* 0: VD_NBD_HANDSHAKE_SECONDS */
+    unsigned drain_seconds;             /* 0: VD_NBD_DRAIN_SECONDS */
     void (*on_idle)(void *opaque);      /* stdio mode: the last connection closed */
     void *on_idle_opaque;
 };
@@ -152,8 +155,9 @@ void vd_nbd_server_configure(const struct vd_nbd_server_config *cfg);
 void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer);
 /* Live connections (all loops). */
 unsigned vd_nbd_connections(void);
-/* Close every connection once its in-flight requests are done (shutdown);
- * returns when all are closed (at most ~30 s). */
+/* Close every connection once the requests its client has sent are done
+ * and their replies sent (shutdown; a client that does not read is cut
+ * off after drain_seconds); returns when all are closed. */
 void vd_nbd_close_all(void);
 
 #endif

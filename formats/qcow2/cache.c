@@ -80,29 +80,8 @@ size_t vd_q2_cache_ndirty(const struct q2_cache *c)
 
 int vd_q2_pwrite_durable(struct q2 *s, const void *buf, size_t len, uint64_t off)
 {
-    struct vd_file *f = s->f;
-    if (f->fd >= 0 && !f->direct && f->proto && !strcmp(f->proto->name, "file")) {
-        const char *p = buf;
-        while (len) {
-            struct iovec iov = { (void *)p, len };
-            ssize_t n = pwritev2(f->fd, &iov, 1, (off_t)off, RWF_DSYNC);
-            if (n < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EOPNOTSUPP || errno == EINVAL)
-                    break;      /* no per-write sync here: fall back below */
-                return -errno;
-            }
-            p += n;
-            off += (uint64_t)n;
-            len -= (size_t)n;
-        }
-        if (!len)
-            return 0;
-        buf = p;
-    }
-    int r = vd_file_pwrite(f, buf, len, off);
-    return r < 0 ? r : vd_file_sync(f);
+    /* the core knows how (RWF_DSYNC) and when not to (cache=unsafe) */
+    return vd_file_pwrite_durable(s->f, buf, len, off);
 }
 
 int vd_q2_cache_get(struct q2_cache *c, uint64_t off, bool load, uint8_t **buf)

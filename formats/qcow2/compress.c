@@ -17,6 +17,17 @@
 #include "qcow2.h"
 
 #define Q2_ZLIB_WBITS (-12)   /* raw deflate, 4 KiB window: what QEMU reads */
+/* QEMU deflates with level 6 and memLevel 9. On 64 KiB clusters memLevel 7
+ * (a 16K-entry hash, 8K-symbol blocks) with a longer lazy match and a
+ * shorter chain takes ~38 % fewer instructions and gives slightly smaller
+ * output on the bench corpus (callgrind, 1/32 of its clusters: 6.68 G ->
+ * 4.15 G instructions, 10529981 -> 10513551 bytes). The stream is plain
+ * raw deflate with a 4 KiB window whatever these settings are. */
+#define Q2_ZLIB_MEMLEVEL 7
+#define Q2_ZLIB_GOOD 8
+#define Q2_ZLIB_LAZY 32
+#define Q2_ZLIB_NICE 258
+#define Q2_ZLIB_CHAIN 64
 #define Q2_ZSTD_LEVEL 3
 
 struct q2_tls {
@@ -99,13 +110,15 @@ int vd_q2_compress_buf(uint8_t ctype, uint64_t cs, const void *in, size_t len, v
     if (ctype == Q2_CT_ZLIB) {
         if (!t->zs_init) {
             memset(&t->zs, 0, sizeof(t->zs));
-            if (deflateInit2(&t->zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, Q2_ZLIB_WBITS, 9,
+            if (deflateInit2(&t->zs, Z_DEFAULT_COMPRESSION, Z_DEFLATED, Q2_ZLIB_WBITS, Q2_ZLIB_MEMLEVEL,
                              Z_DEFAULT_STRATEGY) != Z_OK)
                 return -ENOMEM;
             t->zs_init = true;
         } else if (deflateReset(&t->zs) != Z_OK) {
             return -EIO;
         }
+        /* after every reset: deflateReset restores the level's settings */
+        deflateTune(&t->zs, Q2_ZLIB_GOOD, Q2_ZLIB_LAZY, Q2_ZLIB_NICE, Q2_ZLIB_CHAIN);
         t->zs.next_in = (Bytef *)in;
         t->zs.avail_in = (uInt)cs;
         t->zs.next_out = out;
@@ -245,6 +258,47 @@ static int comp_alloc(struct q2 *s, uint64_t n, uint64_t *host)
     return 0;
 }
 
+int vd_q2_comp_flush(struct q2 *s)
+{
+    if (!s->cpend_len)
+        return 0;
+    int r = vd_file_pwrite(s->f, s->cpend, s->cpend_len, s->cpend_off);
+    if (r < 0)
+        return vd_err(r, "%s: writing compressed data at 0x%llx failed", s->fname,
+                      (unsigned long long)s->cpend_off);
+    s->cpend_len = 0;
+    return 0;
+}
+
+#define Q2_CPEND_BYTES (1u << 20)
+
+/* Queue blob for host: appended to the gathered blobs when it follows them,
+ * else after writing those out. Written straight away when it cannot be
+ * gathered (no memory). */
+static int comp_stage(struct q2 *s, const void *blob, size_t len, uint64_t host)
+{
+    int r;
+    if (s->cpend_len && (host != s->cpend_off + s->cpend_len || s->cpend_len + len > s->cpend_cap) &&
+        (r = vd_q2_comp_flush(s)) < 0)
+        return r;
+    if (!s->cpend) {
+        size_t cap = s->cs > Q2_CPEND_BYTES ? s->cs : Q2_CPEND_BYTES;
+        if ((s->cpend = malloc(cap)))
+            s->cpend_cap = cap;
+    }
+    if (!s->cpend || len > s->cpend_cap) {
+        r = vd_file_pwrite(s->f, blob, len, host);
+        if (r < 0)
+            return vd_err(r, "%s: writing compressed data at 0x%llx failed", s->fname, (unsigned long long)host);
+        return 0;
+    }
+    if (!s->cpend_len)
+        s->cpend_off = host;
+    memcpy(s->cpend + s->cpend_len, blob, len);
+    s->cpend_len += len;
+    return 0;
+}
+
 int vd_q2_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *blob, size_t bloblen)
 {
     struct q2 *s = l->priv;
@@ -265,9 +319,9 @@ int vd_q2_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *blo
         return r;
     if (host + bloblen > (1ull << s->csize_shift))
         return vd_err(-ENOSPC, "%s: compressed data would lie past the offset limit", s->fname);
-    if ((r = vd_file_pwrite(s->f, blob, bloblen, host)) < 0) {
+    if ((r = comp_stage(s, blob, bloblen, host)) < 0) {
         vd_q2_free_now(s, host, bloblen);
-        return vd_err(r, "%s: writing compressed data at 0x%llx failed", s->fname, (unsigned long long)host);
+        return r;
     }
     /* the table may have been evicted by allocations above */
     if ((r = vd_q2_l2_table(s, l1i, true, &tbl)) < 0)

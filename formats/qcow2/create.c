@@ -330,6 +330,8 @@ int vd_q2_resize(struct vd_layer *l, uint64_t size, enum vd_prealloc prealloc)
     int r;
     if (size == s->size)
         return 0;
+    if ((r = vd_q2_comp_flush(s)) < 0)
+        return r;
     if (size > (1ull << 62))
         return vd_err(-EFBIG, "%s: size %llu is too large", s->fname, (unsigned long long)size);
     if (size % 512)

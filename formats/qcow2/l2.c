@@ -172,6 +172,10 @@ int vd_q2_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, st
                 if (ch + cl > s->host_end + s->cs || cl > 2 * s->cs + 512)
                     return vd_err(-EIO, "%s: compressed cluster at 0x%llx (%llu bytes) lies past the end of the image",
                                   s->fname, (unsigned long long)ch, (unsigned long long)cl);
+                /* the caller reads the blob from the file: it must be there */
+                if (s->cpend_len && ch < s->cpend_off + s->cpend_len && s->cpend_off < ch + cl &&
+                    (r = vd_q2_comp_flush(s)) < 0)
+                    return r;
                 uint64_t cend = (vc + 1) << s->cluster_bits;
                 m->kind = VD_MAP_COMPRESSED;
                 m->host_off = ch;
@@ -571,6 +575,8 @@ int vd_q2_flush_all(struct q2 *s)
     int r;
     if (!s->rw)
         return 0;
+    if ((r = vd_q2_comp_flush(s)) < 0)
+        return r;
     if ((r = vd_q2_cache_flush(&s->l2c)) < 0)
         return r;
     bool l1 = s->l1_dlo < s->l1_dhi;

@@ -28,6 +28,7 @@ static void q2_free(struct q2 *s)
     free(s->l1);
     free(s->rt);
     free(s->pf);
+    free(s->cpend);
     free(s);
 }
 

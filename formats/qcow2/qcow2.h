@@ -144,6 +144,13 @@ struct q2 {
     uint64_t free_hint;           /* cluster index: nothing free below it */
     uint64_t host_end;            /* bytes, cluster aligned: nothing allocated at or past it */
     uint64_t comp_cursor;         /* next free byte in the compressed-data cluster, 0 = none */
+    /* Compressed blobs allocated back to back are gathered here and written
+     * in one request (vd_q2_comp_flush) before any L2 table, any flush, and
+     * any map() answer that names them: one pwrite per ~1 MiB instead of
+     * one per cluster under the layer lock. */
+    uint8_t *cpend;
+    uint64_t cpend_off;
+    size_t cpend_len, cpend_cap;
 
     struct q2_pfree *pf;          /* frees waiting for the metadata that dropped them */
     size_t npf, cappf;
@@ -257,6 +264,8 @@ int vd_q2_decompress(uint8_t ctype, const void *in, size_t inlen, void *out, siz
 int vd_q2_read_compressed(struct vd_layer *l, const struct vd_map *m, void *buf);
 int vd_q2_write_compressed(struct vd_layer *l, uint64_t off, const void *buf, size_t len);
 int vd_q2_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *blob, size_t bloblen);
+/* Write the gathered compressed blobs out (kept on failure, for a retry). */
+int vd_q2_comp_flush(struct q2 *s);
 
 /* ---- check.c ---- */
 int vd_q2_check(struct vd_layer *l, unsigned fix, struct vd_check *r);

@@ -364,6 +364,9 @@ int vd_q2_rc_pre_write(struct q2 *s)
 int vd_q2_l2_pre_write(struct q2 *s)
 {
     int r;
+    /* the data an L2 entry points to goes first, as for ordinary writes */
+    if ((r = vd_q2_comp_flush(s)) < 0)
+        return r;
     if ((r = vd_q2_mark_dirty(s)) < 0)
         return r;
     if (s->dirty_on_disk) {     /* lazy refcounts: rebuilt after a crash */

@@ -27,6 +27,12 @@ struct vd_open_opts {
 int  vd_disk_open(const char *filename, const struct vd_open_opts *o, struct vd_disk **out);
 /* Flushes (when writable) and closes every layer. */
 int  vd_disk_close(struct vd_disk *d);
+/* Write the format's metadata out and sync the image's files now, whatever
+ * the cache mode (cache=unsafe skips every other sync): end-of-job
+ * durability for a job that ran with cache=unsafe. */
+int  vd_disk_sync_now(struct vd_disk *d);
+/* vd_disk_close with every sync it does made real under cache=unsafe. */
+int  vd_disk_close_durable(struct vd_disk *d);
 uint64_t vd_disk_size(const struct vd_disk *d);
 struct vd_layer *vd_disk_top(struct vd_disk *d);
 /* Number of layers in the chain (1 = no backing). */

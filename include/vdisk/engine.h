@@ -8,7 +8,10 @@
 #include <sys/uio.h>
 #include "file.h"
 
-enum vd_io_op { VD_IO_READ, VD_IO_WRITE, VD_IO_SYNC };
+/* VD_IO_PUNCH (deallocate, reads as zeros) and VD_IO_ZERO (reads as zeros,
+ * stays allocated) go only to backends whose proto sets submit_zero; they
+ * carry len and no buffers. */
+enum vd_io_op { VD_IO_READ, VD_IO_WRITE, VD_IO_SYNC, VD_IO_PUNCH, VD_IO_ZERO };
 
 struct vd_io {
     enum vd_io_op op;
@@ -16,6 +19,7 @@ struct vd_io {
     uint64_t off;
     struct iovec *iov;
     int iovcnt;
+    uint64_t len;           /* VD_IO_PUNCH, VD_IO_ZERO: bytes from off */
     /* res: 0 when the whole transfer was done (short transfers are resumed
      * by the engine; reads past EOF are zero-filled), else -errno. */
     void (*done)(struct vd_io *io, int res);
@@ -49,6 +53,8 @@ extern const struct vd_engine_ops vd_engine_io_uring, vd_engine_aio, vd_engine_t
  * (io_uring → native → threads) when VD_AIO_DEFAULT. */
 const struct vd_engine_ops *vd_engine_pick(enum vd_aio aio);
 int vd_aio_parse(const char *s, enum vd_aio *out);     /* "io_uring" | "native" | "threads" */
-int vd_cache_parse(const char *s, enum vd_cache *out); /* "none" | "writeback" (also "directsync"→none) */
+/* "none" | "writeback" | "unsafe" | "writethrough" | "directsync" (file.h) */
+int vd_cache_parse(const char *s, enum vd_cache *out);
+const char *vd_cache_name(enum vd_cache c);
 
 #endif

@@ -12,7 +12,24 @@
 
 struct vd_io;
 
-enum vd_cache { VD_CACHE_WRITEBACK = 0, VD_CACHE_NONE = 1 };   /* qemu's cache= names */
+/* qemu's cache= names.
+ *   writeback     page cache; flushes (and FUA) sync the files
+ *   none          O_DIRECT; flushes sync
+ *   unsafe        page cache; every sync is skipped (flushes, FUA, the
+ *                 formats' metadata-ordering syncs, durable writes) except
+ *                 vd_disk_sync_now / vd_disk_close_durable / vd_file_sync_now:
+ *                 for data that may be lost on a host crash
+ *   writethrough  page cache; every write is followed by a flush (as FUA)
+ *   directsync    O_DIRECT; every write is followed by a flush */
+enum vd_cache {
+    VD_CACHE_WRITEBACK = 0, VD_CACHE_NONE = 1, VD_CACHE_UNSAFE = 2,
+    VD_CACHE_WRITETHROUGH = 3, VD_CACHE_DIRECTSYNC = 4,
+};
+/* true for the modes that open files with O_DIRECT */
+static inline bool vd_cache_direct(enum vd_cache c)
+{
+    return c == VD_CACHE_NONE || c == VD_CACHE_DIRECTSYNC;
+}
 enum vd_aio { VD_AIO_DEFAULT = 0, VD_AIO_IO_URING, VD_AIO_NATIVE, VD_AIO_THREADS };
 
 /* vd_file_open flags */
@@ -45,6 +62,10 @@ struct vd_proto {
     /* Asynchronous I/O of the backend's own (libnbd, librbd). NULL: the
      * core submits preadv/pwritev/fdatasync on f->fd to the loop's engine. */
     void (*submit)(struct vd_file *f, struct vd_io *io);
+    /* submit also takes VD_IO_PUNCH and VD_IO_ZERO, so that raw images on
+     * this backend discard and zero without blocking the loop (a cluster
+     * round trip would stall every export on it). */
+    bool submit_zero;
 };
 
 struct vd_file {
@@ -53,6 +74,7 @@ struct vd_file {
     char *name;             /* as given by the user */
     bool readonly;
     bool direct;            /* O_DIRECT (cache=none) */
+    bool unsafe;            /* cache=unsafe: syncs are skipped (see enum vd_cache) */
     uint32_t align;         /* alignment direct I/O needs (memory, offset, length); 1 if buffered */
     pthread_mutex_t rmw_lock;  /* serialises unaligned read-modify-write on direct files */
     void *priv;             /* backend state */
@@ -63,7 +85,22 @@ void vd_file_close(struct vd_file *f);
 /* Full transfers or an error. Reads past the end of the file return zeros. */
 int  vd_file_pread(struct vd_file *f, void *buf, size_t len, uint64_t off);
 int  vd_file_pwrite(struct vd_file *f, const void *buf, size_t len, uint64_t off);
+/* Make what was written durable; a no-op on cache=unsafe files (except
+ * inside vd_disk_sync_now). vd_file_sync_now syncs whatever the mode. */
 int  vd_file_sync(struct vd_file *f);
+int  vd_file_sync_now(struct vd_file *f);
+/* Write and make just this range durable (RWF_DSYNC on local files, else a
+ * write then a sync): for metadata that must reach the disk before what
+ * follows. A plain write on cache=unsafe files. */
+int  vd_file_pwrite_durable(struct vd_file *f, const void *buf, size_t len, uint64_t off);
+/* Start writing back what is dirty in [off, off+len) (len 0: to the end of
+ * the file) without waiting for it: a hint that shortens a later sync, no
+ * guarantee of anything (sync_file_range(SYNC_FILE_RANGE_WRITE) on local
+ * buffered files; nothing elsewhere). Not a sync: done in every mode. */
+int  vd_file_start_writeback(struct vd_file *f, uint64_t off, uint64_t len);
+/* true when a sync of f would be skipped now (cache=unsafe, outside
+ * vd_disk_sync_now); the engines use it for VD_IO_SYNC. */
+bool vd_file_sync_skipped(const struct vd_file *f);
 int  vd_file_size(struct vd_file *f, uint64_t *size);
 int  vd_file_truncate(struct vd_file *f, uint64_t size);
 int  vd_file_allocate(struct vd_file *f, uint64_t off, uint64_t len);

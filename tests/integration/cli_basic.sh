@@ -26,9 +26,9 @@ b=$(qemu-img info -f raw --output=json "$T/a.raw" | norm)
 a=$("$VDISK" info -f raw --output=json "$T/a.raw" | jq '."actual-size"')
 b=$(qemu-img info -f raw --output=json "$T/a.raw" | jq '."actual-size"')
 [ "$a" = "$b" ] && ok "info actual-size equals qemu-img" || fail "info actual-size equals qemu-img" "$a vs $b"
-a=$("$VDISK" info "$T/a.raw")
+a=$("$VDISK" info -f raw "$T/a.raw")
 b=$(qemu-img info -f raw "$T/a.raw")
 [ "$a" = "$b" ] && ok "info human equals qemu-img" || fail "info human equals qemu-img" "$(diff <(echo "$a") <(echo "$b") | tr '\n' ' ')"
-a=$("$VDISK" info --backing-chain --output=json "$T/a.raw" | jq -S 'map(del(."actual-size"))')
+a=$("$VDISK" info -f raw --backing-chain --output=json "$T/a.raw" | jq -S 'map(del(."actual-size"))')
 b=$(qemu-img info -f raw --backing-chain --output=json "$T/a.raw" | jq -S 'map(del(."actual-size"))')
 [ "$a" = "$b" ] && ok "info --backing-chain JSON array" || fail "info --backing-chain JSON array" "$a vs $b"

@@ -9,7 +9,7 @@ mkdir -p "$T/ova"
 "$VDISK" io -f raw -c "write -P 0x11 0 1M" -c "write -P 0x12 20M 64k" "$T/d1.raw" >/dev/null
 "$VDISK" create -q -f raw "$T/d2.raw" 8M
 "$VDISK" io -f raw -c "write -P 0x21 4M 4k" "$T/d2.raw" >/dev/null
-"$VDISK" convert -c -O vmdk -o subformat=streamOptimized "$T/d1.raw" "$T/ova/vm-disk1.vmdk"
+"$VDISK" convert -f raw -c -O vmdk -o subformat=streamOptimized "$T/d1.raw" "$T/ova/vm-disk1.vmdk"
 qemu-img convert -O vmdk -o subformat=streamOptimized "$T/d2.raw" "$T/ova/vm-disk2.vmdk"
 s1=$(stat -c %s "$T/ova/vm-disk1.vmdk"); s2=$(stat -c %s "$T/ova/vm-disk2.vmdk")
 cat > "$T/ova/vm.ovf" <<EOF
@@ -47,7 +47,7 @@ j=$("$VDISK" import -O raw --output=json "$T/vm.ova" "$T/vm.raw")
 check "raw disk 1 content" cmp "$T/vm.raw" "$T/d1.raw"
 check "lone VMDK imports like convert" "$VDISK" import -O qcow2 "$T/ova/vm-disk2.vmdk" "$T/lone.qcow2"
 check "lone VMDK content" qemu-img compare -q "$T/lone.qcow2" -F raw "$T/d2.raw"
-"$VDISK" convert -O vhd "$T/d2.raw" "$T/lone.vhd"
+"$VDISK" convert -f raw -O vhd "$T/d2.raw" "$T/lone.vhd"
 check "lone VHD imports" "$VDISK" import -O vmdk "$T/lone.vhd" "$T/lone.vmdk"
 check "lone VHD content" qemu-img compare -q "$T/lone.vmdk" -F raw "$T/d2.raw"
 

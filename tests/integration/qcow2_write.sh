@@ -158,7 +158,7 @@ with open(sys.argv[1], 'r+b') as f:
     for ct in zlib zstd; do
         for cs in 4096 65536 2M; do
             rm -f "$T/c.qcow2"
-            if "$VDISK" convert -c -O qcow2 -o "compression_type=$ct,cluster_size=$cs" "$T/rnd.raw" "$T/c.qcow2" 2>"$T/err"; then
+            if "$VDISK" convert -f raw -c -O qcow2 -o "compression_type=$ct,cluster_size=$cs" "$T/rnd.raw" "$T/c.qcow2" 2>"$T/err"; then
                 qcheck "$T/c.qcow2" "convert -c ($ct, $cs)"
                 qcompare "$T/c.qcow2" "$T/rnd.raw" "convert -c ($ct, $cs)"
             else

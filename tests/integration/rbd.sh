@@ -12,7 +12,7 @@ CLUSTER=$VDISK_ROOT/tests/rbd/cluster.sh
 # timeout), then the cluster.
 rbd_cleanup() {
     local v p
-    for v in a b c d f g v holder holder2; do
+    for v in a b c d f g v z zd holder holder2; do
         p=$(eval echo "\${${v}_pid:-\${$v:-}}")
         [ -n "$p" ] && kill -9 "$p" 2>/dev/null
     done
@@ -219,6 +219,63 @@ kill -CONT "$osd"
 check "the export serves again after the OSD comes back" \
     timeout 60 qemu-io -f raw -c 'write -P 7 1M 4k' -c 'read -P 7 1M 4k' "nbd+unix:///e?socket=$T/d.sock"
 stop_vdiskd d
+
+# ---- discard and write-zeroes through the NBD export ----
+# librbd's asynchronous calls: the same random mix of writes, discards and
+# zero writes (with and without leave to deallocate) goes to the export and
+# to a local shadow file; both must read the same.
+rbdc create rbd/zr --size 64M
+rand_file "$T/zsrc" 64 5
+cp "$T/zsrc" "$T/zshadow"
+truncate -s 16M "$T/local.raw"
+check "fill the image for the zeroing test" $VDISK convert -f raw -O raw -n "$T/zsrc" "$(R zr)"
+# one loop thread: the rbd export and a local one share it
+start_vdiskd z --nbd "unix:$T/z.sock" --threads 1 --log-level=error \
+    --export "name=z,file=$(R zr),format=raw" --export "name=loc,file=$T/local.raw,format=raw" || exit 1
+ZN="nbd+unix:///z?socket=$T/z.sock"
+# offsets and lengths in 512-byte units, some within one 4 MiB object, some across several
+awk 'BEGIN { srand(77); M = 131072
+    for (i = 0; i < 60; i++) {
+        o = int(rand() * M); l = 1 + int(rand() * (rand() < 0.5 ? 64 : 24576)); if (o + l > M) l = M - o
+        k = int(rand() * 4)
+        if (k == 0) printf "-c\nwrite -P %d %d %d\n", 1 + i, o * 512, l * 512
+        else if (k == 1) printf "-c\ndiscard %d %d\n", o * 512, l * 512
+        else if (k == 2) printf "-c\nwrite -z %d %d\n", o * 512, l * 512
+        else printf "-c\nwrite -z -u %d %d\n", o * 512, l * 512
+    }
+    # last: one whole object deallocated, one zeroed and kept
+    printf "-c\nwrite -z -u 50331648 4194304\n-c\nwrite -z 54525952 4194304\n" }' > "$T/zops"
+mapfile -t zops < "$T/zops"
+check "random discards and zero writes on a local shadow" qemu-io -f raw -d unmap "${zops[@]}" "$T/zshadow"
+check "the same through vdiskd's NBD export of the rbd image" qemu-io -f raw -d unmap "${zops[@]}" "$ZN"
+check "the rbd export reads as the shadow" qemu-img compare -f raw -F raw "$T/zshadow" "$ZN"
+map=$(nbdinfo --map=base:allocation "$ZN" 2>&1)
+if awk '$1 <= 50331648 && $1 + $2 >= 54525952 && $4 ~ /hole/ {h=1}
+        $1 <= 54525952 && $1 + $2 >= 58720256 && $4 == "data" {d=1} END {exit !(h && d)}' <<<"$map"; then
+    ok "zeroes with leave to unmap deallocate; without it the object stays"
+else
+    fail "zeroes with leave to unmap deallocate; without it the object stays" "$(tr '\n' ' ' <<<"$map")"
+fi
+
+# A discard the cluster cannot answer (OSD stopped) holds neither the loop
+# nor the other export on it: the local export keeps serving meanwhile.
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+timeout 60 qemu-io -f raw -d unmap -c 'discard 0 64M' -c 'write -z 0 64k' "$ZN" > "$T/zd.out" 2>&1 &
+zd=$!
+sleep 1
+t0=$(date +%s%N)
+out=$(timeout 20 qemu-io -f raw -c 'write -P 5 0 1M' -c 'read -P 5 0 1M' "nbd+unix:///loc?socket=$T/z.sock" 2>&1); rc=$?
+el=$(( ($(date +%s%N) - t0) / 1000000 ))
+kill -0 "$zd" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"
+wait "$zd"; zrc=$?
+[ $rc -eq 0 ] && [ $pending = yes ] \
+    && ok "during a stalled rbd discard the local export on the same loop answers (${el} ms)" \
+    || fail "during a stalled rbd discard the local export on the same loop answers" "rc $rc after ${el} ms, discard pending: $pending: $out"
+[ $zrc -eq 0 ] && ok "the stalled discard completes once the OSD is back" || fail "the stalled discard completes once the OSD is back" "rc $zrc: $(cat "$T/zd.out")"
+check "and the image reads as zeros" timeout 60 qemu-io -f raw -c 'read -P 0 0 64M' "$ZN"
+stop_vdiskd z
 
 # ---- snapshots: read-only, the data as it was ----
 rbdc snap create rbd/img@s1 > /dev/null 2>&1

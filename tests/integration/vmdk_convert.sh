@@ -13,11 +13,12 @@ dd if="$T/rnd" of="$T/src.raw" bs=64k seek=3 conv=notrunc status=none
 kinds=(raw qcow2 vmdk:monolithicSparse vmdk:monolithicFlat vmdk:twoGbMaxExtentSparse vmdk:twoGbMaxExtentFlat
        vmdk:streamOptimized vmdk:vmfs vhd:fixed vhd:dynamic)
 ext() { case $1 in vmdk*) echo vmdk ;; vhd*) echo vhd ;; *) echo "$1" ;; esac; }
-# convert_to KIND SRC DST
+# convert_to KIND SRC DST (a raw source is named as such; the rest are probed)
 convert_to() {
-    local fmt=${1%%:*} sub=${1#*:}
-    if [ "$fmt" = "$1" ]; then "$VDISK" convert -O "$fmt" "$2" "$3"
-    else "$VDISK" convert -O "$fmt" -o subformat="$sub" "$2" "$3"; fi
+    local fmt=${1%%:*} sub=${1#*:} sf=()
+    [[ $2 == *.raw ]] && sf=(-f raw)
+    if [ "$fmt" = "$1" ]; then "$VDISK" convert "${sf[@]}" -O "$fmt" "$2" "$3"
+    else "$VDISK" convert "${sf[@]}" -O "$fmt" -o subformat="$sub" "$2" "$3"; fi
 }
 # allocated bytes of an image and its extents
 alloc() { local t=0 f; for f in "$1" "${1%.*}"-*; do [ -f "$f" ] && t=$((t + $(stat -c %b "$f") * 512)); done; echo $t; }
@@ -37,7 +38,7 @@ for s in "${kinds[@]}"; do
         dst=$T/d-$sn--$dn.$(ext "$d")
         tried=$((tried + 1))
         if ! out=$(convert_to "$d" "$src" "$dst" 2>&1); then fail "$s -> $d: convert" "$out"; bad=$((bad + 1)); continue; fi
-        if ! "$VDISK" compare -q "$dst" -F raw "$T/src.raw"; then fail "$s -> $d: vdisk reads the source's content"; bad=$((bad + 1)); continue; fi
+        if ! "$VDISK" compare -q -f "${d%%:*}" "$dst" -F raw "$T/src.raw"; then fail "$s -> $d: vdisk reads the source's content"; bad=$((bad + 1)); continue; fi
         if ! qemu-img compare -q -f "$(qfmt "$d")" "$dst" -F raw "$T/src.raw" 2>/dev/null; then
             fail "$s -> $d: qemu-img reads the source's content"; bad=$((bad + 1)); continue; fi
         a=$(alloc "$dst")
@@ -50,7 +51,7 @@ done
 # -c: streamOptimized grains are compressed (much smaller than the data)
 "$VDISK" create -q -f raw "$T/z.raw" 80M      # three grain tables' worth
 "$VDISK" io -f raw -c "write -P 0x61 0 16M" -c "write -P 0x62 70M 64k" "$T/z.raw" >/dev/null
-check "convert -c to streamOptimized" "$VDISK" convert -c -O vmdk -o subformat=streamOptimized "$T/z.raw" "$T/z.vmdk"
+check "convert -c to streamOptimized" "$VDISK" convert -f raw -c -O vmdk -o subformat=streamOptimized "$T/z.raw" "$T/z.vmdk"
 sz=$(stat -c %s "$T/z.vmdk")
 [ "$sz" -lt $((1 << 20)) ] && ok "compressed grains: 16 MiB of a pattern in $sz bytes" || fail "compressed size" "$sz"
 check "qemu-img reads the compressed stream" qemu-img compare -q "$T/z.vmdk" -F raw "$T/z.raw"

@@ -342,11 +342,20 @@ static void parse(void **s)
     assert_int_equal(vd_cache_parse("none", &c), 0);
     assert_int_equal(c, VD_CACHE_NONE);
     assert_int_equal(vd_cache_parse("directsync", &c), 0);
-    assert_int_equal(c, VD_CACHE_NONE);
+    assert_int_equal(c, VD_CACHE_DIRECTSYNC);
+    assert_true(vd_cache_direct(c));
     assert_int_equal(vd_cache_parse("writeback", &c), 0);
     assert_int_equal(c, VD_CACHE_WRITEBACK);
+    assert_false(vd_cache_direct(c));
     assert_int_equal(vd_cache_parse("unsafe", &c), 0);
-    assert_int_equal(c, VD_CACHE_WRITEBACK);
+    assert_int_equal(c, VD_CACHE_UNSAFE);
+    assert_false(vd_cache_direct(c));
+    assert_int_equal(vd_cache_parse("writethrough", &c), 0);
+    assert_int_equal(c, VD_CACHE_WRITETHROUGH);
+    for (int i = 0; i <= VD_CACHE_DIRECTSYNC; i++) {
+        assert_int_equal(vd_cache_parse(vd_cache_name((enum vd_cache)i), &c), 0);
+        assert_int_equal(c, i);
+    }
     assert_int_equal(vd_cache_parse("None", &c), -EINVAL);
     assert_int_equal(vd_cache_parse("", &c), -EINVAL);
     /* the default engine on this host is a real one */

@@ -46,14 +46,16 @@ int  vd_cli_usage(const char *cmd, const char *fmt, ...) __attribute__((format(p
 int  vd_cli_bad_option(const char *cmd, int c, char **argv);
 
 struct vd_cli_open {
-    const char *format;      /* NULL: probe (raw when nothing claims the file) */
+    const char *format;      /* NULL: probe (refused when nothing claims the file) */
+    const char *format_opt;  /* the option that gives this file's format, named
+                                when probing fails (NULL: "-f") */
+    const char *unknown_hint;/* advice printed instead when probing fails */
     bool readonly;
     bool force_share;        /* -U: no image lock */
     bool no_backing;
     bool discard_ignore;     /* discard=ignore (the core's default is unmap) */
     enum vd_cache cache;
     enum vd_aio aio;
-    bool quiet;              /* no warning when falling back to raw */
 };
 /* Open and print the error itself ("vdisk: FILE: cause"). */
 int  vd_cli_open(const char *file, const struct vd_cli_open *o, struct vd_disk **out);

@@ -75,7 +75,7 @@ static int run(int argc, char **argv)
         { "force-share", no_argument, NULL, 'U' },
         { NULL, 0, NULL, 0 },
     };
-    struct vd_cli_open o1 = { .readonly = true }, o2 = { .readonly = true };
+    struct vd_cli_open o1 = { .readonly = true }, o2 = { .format_opt = "-F", .readonly = true };
     bool strict = false, progress = false, quiet = false;
     int c;
 

@@ -15,7 +15,9 @@
  * cluster is compressed and written by fmt->write_compressed on the worker
  * pool, so clusters compress in parallel. */
 #include <errno.h>
+#include <fcntl.h>
 #include <getopt.h>
+#include <libgen.h>
 #include <inttypes.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -107,11 +109,13 @@ struct conv {
     unsigned ext_flags;
     int ext_depth;
     /* early flushes: start write-back while copying, so the final flush
-     * has little left to do */
+     * has little left to do. With early_kick (the default mode, whose only
+     * sync is the last) they only start write-back and are not syncs. */
     uint64_t unflushed;
-    bool flushing;
+    bool flushing, early_kick;
     uint64_t early_flush;       /* bytes between early flushes, 0: none */
     struct vd_req flush_req;
+    int kick_err;
 };
 
 #define EARLY_FLUSH (64ull << 20)
@@ -274,6 +278,27 @@ static void early_flush_done(struct vd_req *r, int res)
     worker_fill(w);
 }
 
+/* On the worker pool: sync_file_range may wait for the device queue. */
+static void kick_run(void *opaque)
+{
+    struct worker *w = opaque;
+    vd_err_clear();
+    w->cv->kick_err = vd_file_start_writeback(w->cv->dst_top->file, 0, 0);
+}
+
+static void kick_done(void *opaque)
+{
+    struct worker *w = opaque;
+    struct conv *cv = w->cv;
+    if (cv->kick_err < 0)
+        set_error(cv, cv->kick_err, "%s", vd_errmsg(cv->kick_err));
+    pthread_mutex_lock(&cv->lock);
+    cv->flushing = false;
+    pthread_mutex_unlock(&cv->lock);
+    w->inflight--;
+    worker_fill(w);
+}
+
 static void finish(struct chunk *ch)
 {
     struct worker *w = ch->w;
@@ -296,8 +321,12 @@ static void finish(struct chunk *ch)
     if (flush) {
         /* counted as in flight so that the worker waits for it */
         w->inflight++;
-        cv->flush_req = (struct vd_req){ .op = VD_OP_FLUSH, .done = early_flush_done, .opaque = w };
-        vd_disk_submit(cv->dst, &cv->flush_req);
+        if (cv->early_kick) {
+            vd_loop_offload(w->loop, kick_run, kick_done, w);
+        } else {
+            cv->flush_req = (struct vd_req){ .op = VD_OP_FLUSH, .done = early_flush_done, .opaque = w };
+            vd_disk_submit(cv->dst, &cv->flush_req);
+        }
     }
     worker_fill(w);
 }
@@ -403,39 +432,62 @@ static void write_done(struct vd_req *r, int res)
         finish(ch);
 }
 
-static void compress_run(void *opaque)
+/* Compress one cluster; a cluster that does not shrink is marked plain. */
+static int compress_one(struct cjob *j)
 {
-    struct cjob *j = opaque;
-    struct conv *cv = j->ch->w->cv;
-    struct vd_layer *l = cv->dst_top;
-    const struct vd_format *f = l->fmt;
-    int r;
-    vd_err_clear();
-    if (f->compress && f->write_compressed_raw) {
-        /* Compress without the layer lock (in parallel on the worker
-         * pool); only linking the blob into the tables takes it. */
-        j->outlen = cv->cluster;
-        r = f->compress(l, j->data, j->len, j->out, &j->outlen);
-        if (r == -ENOSPC) {
-            j->plain = true;        /* written as ordinary data in compress_done */
-            return;
-        }
-        if (r == 0) {
-            pthread_mutex_lock(&l->lock);
-            r = f->write_compressed_raw(l, j->off, j->out, j->outlen);
-            pthread_mutex_unlock(&l->lock);
-        }
-    } else {
-        pthread_mutex_lock(&l->lock);
-        r = f->write_compressed(l, j->off, j->data, j->len);
-        pthread_mutex_unlock(&l->lock);
+    struct vd_layer *l = j->ch->w->cv->dst_top;
+    j->outlen = j->ch->w->cv->cluster;
+    int r = l->fmt->compress(l, j->data, j->len, j->out, &j->outlen);
+    if (r == -ENOSPC) {
+        j->plain = true;        /* written as ordinary data in compress_done */
+        return 0;
     }
+    return r;
+}
+
+static void compress_error(struct conv *cv, struct cjob *j, int r)
+{
     if (r == -ENOTSUP)
         set_error(cv, r, "%s: Compression not supported for this file format (%s)", cv->dst_name,
                   vd_cli_strip(vd_errmsg(r), cv->dst_name));
-    else if (r < 0)
+    else
         set_error(cv, r, "%s: error while compressing a cluster at offset %" PRIu64 ": %s", cv->dst_name, j->off,
                   vd_cli_strip(vd_errmsg(r), cv->dst_name));
+}
+
+/* On the worker pool: compress every planned cluster of a chunk without
+ * the layer lock, then link the blobs in under one hold of the lock (the
+ * format gathers consecutive blobs into few writes). One job per chunk
+ * rather than per cluster keeps the hand-offs between threads few. */
+static void compress_run(void *opaque)
+{
+    struct chunk *ch = opaque;
+    struct conv *cv = ch->w->cv;
+    struct vd_layer *l = cv->dst_top;
+    const struct vd_format *f = l->fmt;
+    int r = 0, i;
+    vd_err_clear();
+    if (!(f->compress && f->write_compressed_raw)) {
+        pthread_mutex_lock(&l->lock);
+        for (i = 0; i < ch->ncj && r == 0 && !cv->err; i++)
+            r = f->write_compressed(l, ch->cjobs[i].off, ch->cjobs[i].data, ch->cjobs[i].len);
+        pthread_mutex_unlock(&l->lock);
+        if (r < 0)
+            compress_error(cv, &ch->cjobs[i - 1], r);
+        return;
+    }
+    for (i = 0; i < ch->ncj && !cv->err; i++)
+        if ((r = compress_one(&ch->cjobs[i])) < 0) {
+            compress_error(cv, &ch->cjobs[i], r);
+            return;
+        }
+    pthread_mutex_lock(&l->lock);
+    for (i = 0; i < ch->ncj && r == 0 && !cv->err; i++)
+        if (!ch->cjobs[i].plain)
+            r = f->write_compressed_raw(l, ch->cjobs[i].off, ch->cjobs[i].out, ch->cjobs[i].outlen);
+    pthread_mutex_unlock(&l->lock);
+    if (r < 0)
+        compress_error(cv, &ch->cjobs[i - 1], r);
 }
 
 static void plain_done(struct vd_req *r, int res)
@@ -449,16 +501,21 @@ static void plain_done(struct vd_req *r, int res)
         finish(ch);
 }
 
+/* Back on the chunk's loop: clusters that did not shrink are written plain. */
 static void compress_done(void *opaque)
 {
-    struct cjob *j = opaque;
-    struct chunk *ch = j->ch;
-    if (j->plain && !ch->w->cv->err) {
+    struct chunk *ch = opaque;
+    struct conv *cv = ch->w->cv;
+    ch->pending = 1;
+    for (int i = 0; i < ch->ncj && !cv->err; i++) {
+        struct cjob *j = &ch->cjobs[i];
+        if (!j->plain)
+            continue;
         j->iov = (struct iovec){ j->data, j->len };
         j->req = (struct vd_req){ .op = VD_OP_WRITE, .off = j->off, .len = j->len, .iov = &j->iov, .iovcnt = 1,
                                   .done = plain_done, .opaque = j };
-        vd_disk_submit(ch->w->cv->dst, &j->req);
-        return;
+        ch->pending++;
+        vd_disk_submit(cv->dst, &j->req);
     }
     if (--ch->pending == 0)
         finish(ch);
@@ -474,11 +531,14 @@ static void launch(struct chunk *ch)
     }
     /* +1 so that requests completing inside vd_disk_submit cannot finish
      * the chunk before every request is submitted. */
+    if (ch->ncj) {
+        /* -c plans no ordinary writes: the pool takes the chunk's clusters */
+        vd_loop_offload(ch->w->loop, compress_run, compress_done, ch);
+        return;
+    }
     ch->pending = n + 1;
     for (int i = 0; i < ch->nw; i++)
         vd_disk_submit(cv->dst, &ch->wreq[i]);
-    for (int i = 0; i < ch->ncj; i++)
-        vd_loop_offload(ch->w->loop, compress_run, compress_done, &ch->cjobs[i]);
     if (--ch->pending == 0)
         finish(ch);
 }
@@ -712,6 +772,25 @@ static int target_opts(struct vd_opts *opts, const struct vd_format *fmt, const 
     return 0;
 }
 
+/* The folder entry of a new target must be durable too. Local files only. */
+static int sync_dir(const char *file)
+{
+    if (strstr(file, "://") || !strncmp(file, "rbd:", 4))
+        return 0;
+    char *copy = strdup(file);
+    if (!copy)
+        return -ENOMEM;
+    int fd = open(dirname(copy), O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int r = 0;
+    if (fd >= 0) {
+        if (fsync(fd) < 0 && errno != EINVAL && errno != EROFS)
+            r = vd_err(-errno, "syncing the folder of %s failed: %s", file, strerror(errno));
+        close(fd);
+    }
+    free(copy);
+    return r;
+}
+
 static int run(int argc, char **argv)
 {
     enum { OPT_TARGET_ZERO = 256, OPT_SALVAGE };
@@ -723,7 +802,8 @@ static int run(int argc, char **argv)
     };
     const char *ifmt = NULL, *ofmt = "raw", *backing = NULL, *backing_fmt = NULL;
     struct vd_opts opts = { 0 }, fopts = { 0 };
-    enum vd_cache scache = VD_CACHE_WRITEBACK, dcache = VD_CACHE_WRITEBACK;
+    enum vd_cache scache = VD_CACHE_WRITEBACK, dcache = VD_CACHE_UNSAFE;
+    bool dcache_given = false;
     uint64_t sparse = 4096, m = 8;
     bool compress = false, progress = false, quiet = false, no_create = false, ooo = false;
     bool target_is_zero = false, share = false, want_help = false;
@@ -773,6 +853,7 @@ static int run(int argc, char **argv)
         case 't':
             if (vd_cli_cache(optarg, &dcache) < 0)
                 goto out;
+            dcache_given = true;
             break;
         case 'T':
             if (vd_cli_cache(optarg, &scache) < 0)
@@ -838,7 +919,7 @@ static int run(int argc, char **argv)
         if (co.backing && !co.backing_fmt) {
             /* as qemu-img: a backing format is needed; probe it */
             char *path = vd_cli_backing_path(cv.dst_name, co.backing);
-            struct vd_cli_open bo = { .readonly = true, .force_share = true, .quiet = true };
+            struct vd_cli_open bo = { .format_opt = "-F", .readonly = true, .force_share = true };
             struct vd_disk *bd;
             if (!path || vd_cli_open(path, &bo, &bd) < 0) {
                 free(path);
@@ -873,9 +954,14 @@ static int run(int argc, char **argv)
     cv.in_order = !ooo;
     cv.progress = progress;
     cv.chunk = CHUNK_SIZE;
-    cv.early_flush = EARLY_FLUSH;
+    /* Early flushes start write-back while copying so that the final sync
+     * has little left to do: flushes with -t writeback / none, and
+     * write-back starts without a sync by default. Nothing with -t unsafe
+     * (no final sync to shorten) or writethrough (every write synced). */
+    cv.early_flush = dcache == VD_CACHE_WRITEBACK || dcache == VD_CACHE_NONE || !dcache_given ? EARLY_FLUSH : 0;
+    cv.early_kick = !dcache_given;
     const char *ef = getenv("VDISK_CONVERT_FLUSH_MB");     /* tuning knob for benchmarks */
-    if (ef)
+    if (ef && cv.early_flush)
         cv.early_flush = strtoull(ef, NULL, 10) << 20;
     if (compress) {
         uint32_t cl = cv.dst_top->cluster_size ? cv.dst_top->cluster_size : cv.dst_top->alloc_unit;
@@ -947,8 +1033,14 @@ static int run(int argc, char **argv)
         goto out;
     }
     vd_err_clear();
-    int r = vd_disk_close(cv.dst);
+    /* Without -t the copy ran with cache=unsafe (no syncs: the target is
+     * not complete before the end anyway) and is made durable here, once,
+     * so that `convert && rm source` cannot lose data. -t unsafe skips even
+     * that (qemu-img's default); other modes synced as they went. */
+    int r = dcache_given ? vd_disk_close(cv.dst) : vd_disk_close_durable(cv.dst);
     cv.dst = NULL;
+    if (r == 0 && !dcache_given && !no_create)
+        r = sync_dir(cv.dst_name);
     if (r < 0) {
         vd_cli_err("%s: error while flushing: %s", cv.dst_name, vd_errmsg(r));
         goto out;
@@ -1001,7 +1093,13 @@ static const struct vd_cli_cmd cmd_convert = {
     "  -W               allow writes out of order (faster; the target is less sequential)\n"
     "  -n               the target exists: do not create it (use --target-is-zero\n"
     "                   when it already reads as zeros, so that zeros are not written)\n"
-    "  -t / -T cache    target / source cache mode (writeback, none, ...)\n"
+    "  -t cache         target cache mode. Default: no syncs while copying, one\n"
+    "                   sync of the target at the end (durable when convert exits).\n"
+    "                   unsafe: no sync at all (qemu-img's default; the target may\n"
+    "                   be lost on a host crash); writeback: syncs as a format\n"
+    "                   orders its metadata, and at the end; none: O_DIRECT, synced\n"
+    "                   like writeback; writethrough / directsync: every write synced\n"
+    "  -T cache         source cache mode (writeback, none, ...)\n"
     "  -p               show progress;  -q  quiet;  -U  do not lock the sources\n",
     run,
 };

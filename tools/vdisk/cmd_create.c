@@ -102,7 +102,8 @@ static int run(int argc, char **argv)
     if (backing && !unsafe) {
         /* The backing file must open (and gives the size when none was given). */
         char *path = vd_cli_backing_path(file, backing);
-        struct vd_cli_open oo = { .format = backing_fmt, .readonly = true, .force_share = true, .quiet = true };
+        struct vd_cli_open oo = { .format = backing_fmt, .format_opt = "-F", .readonly = true,
+                                  .force_share = true };
         struct vd_disk *bd;
         if (!path) {
             vd_cli_err("%s: out of memory", file);

@@ -236,7 +236,8 @@ static char *nth_name(const char *out, size_t i)
 }
 
 /* Convert src into dst with `vdisk convert`. */
-static int convert(const char *src, const char *dst, const char *fmt, const char *opts, bool compress, bool quiet)
+static int convert(const char *src, const char *ifmt, const char *dst, const char *fmt, const char *opts,
+                   bool compress)
 {
     const struct vd_cli_cmd *cv = vd_cli_find("convert");
     if (!cv) {
@@ -246,6 +247,10 @@ static int convert(const char *src, const char *dst, const char *fmt, const char
     char *argv[16];
     int argc = 0;
     argv[argc++] = (char *)"convert";
+    if (ifmt) {
+        argv[argc++] = (char *)"-f";
+        argv[argc++] = (char *)ifmt;
+    }
     argv[argc++] = (char *)"-O";
     argv[argc++] = (char *)fmt;
     if (opts) {
@@ -257,16 +262,15 @@ static int convert(const char *src, const char *dst, const char *fmt, const char
     argv[argc++] = (char *)src;
     argv[argc++] = (char *)dst;
     argv[argc] = NULL;
-    (void)quiet;
     optind = 0;
     int r = cv->run(argc, argv);
     optind = 0;
     return r;
 }
 
-static int disk_size(const char *path, uint64_t *size)
+static int disk_size(const char *path, const char *ifmt, uint64_t *size)
 {
-    struct vd_cli_open o = { .readonly = true, .force_share = true, .no_backing = true, .quiet = true };
+    struct vd_cli_open o = { .format = ifmt, .readonly = true, .force_share = true, .no_backing = true };
     struct vd_disk *d;
     if (vd_cli_open(path, &o, &d) < 0)
         return -1;
@@ -275,8 +279,8 @@ static int disk_size(const char *path, uint64_t *size)
     return 0;
 }
 
-static int import_ova(const char *ova, const char *out, const char *fmt, const char *opts, bool compress,
-                      bool quiet, json_t *report)
+static int import_ova(const char *ova, const char *ifmt, const char *out, const char *fmt, const char *opts,
+                      bool compress, json_t *report)
 {
     int fd = open(ova, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
@@ -363,8 +367,8 @@ static int import_ova(const char *ova, const char *out, const char *fmt, const c
         int r = 1;
         if (!ok)
             vd_cli_err("%s: cannot extract %s", ova, dm->name);
-        else if (disk_size(tmp, &vsize) == 0)
-            r = convert(tmp, dst, fmt, opts, compress, quiet);
+        else if (disk_size(tmp, ifmt, &vsize) == 0)
+            r = convert(tmp, ifmt, dst, fmt, opts, compress);
         unlink(tmp);
         free(tmp);
         if (r == 0 && d->capacity && d->capacity != vsize) {
@@ -411,11 +415,12 @@ static int run(int argc, char **argv)
 {
     static const struct option lo[] = { { "output", required_argument, NULL, 'J' },
                                         { "help", no_argument, NULL, 'h' }, { NULL, 0, NULL, 0 } };
-    const char *fmt = "raw", *opts = NULL;
+    const char *fmt = "raw", *ifmt = NULL, *opts = NULL;
     bool compress = false, quiet = false;
     int json = 0, c;
-    while ((c = getopt_long(argc, argv, ":O:o:cqh", lo, NULL)) != -1) {
+    while ((c = getopt_long(argc, argv, ":f:O:o:cqh", lo, NULL)) != -1) {
         switch (c) {
+        case 'f': ifmt = optarg; break;
         case 'O': fmt = optarg; break;
         case 'o': opts = optarg; break;
         case 'c': compress = true; break;
@@ -425,7 +430,7 @@ static int run(int argc, char **argv)
                 return 1;
             break;
         case 'h':
-            printf("usage: vdisk import [-O fmt] [-o options] [-c] [-q] [--output=human|json] FILE OUT\n");
+            printf("usage: vdisk import [-f fmt] [-O fmt] [-o options] [-c] [-q] [--output=human|json] FILE OUT\n");
             return 0;
         default:
             return vd_cli_bad_option("import", c, argv);
@@ -453,10 +458,10 @@ static int run(int argc, char **argv)
         tar = true;
     if (!tar) {
         /* A lone disk image: exactly a convert. */
-        return convert(in, out, fmt, opts, compress, quiet);
+        return convert(in, ifmt, out, fmt, opts, compress);
     }
     json_t *report = json_object();
-    int rc = import_ova(in, out, fmt, opts, compress, quiet, report);
+    int rc = import_ova(in, ifmt, out, fmt, opts, compress, report);
     if (rc == 0) {
         if (json) {
             vd_cli_json_print(report);
@@ -479,9 +484,11 @@ static int run(int argc, char **argv)
 }
 
 static const struct vd_cli_cmd cmd = {
-    "import", "[-O fmt] [-o options] [-c] [-q] [--output=human|json] FILE.ova|FILE.vmdk|FILE.vhd OUT",
+    "import", "[-f fmt] [-O fmt] [-o options] [-c] [-q] [--output=human|json] FILE.ova|FILE.vmdk|FILE.vhd OUT",
     "Import a VM's disks from an OVA (its OVF descriptor and streamOptimized VMDKs)\n"
-    "or a lone VMDK/VHD into a new image of the given format (raw by default).",
+    "or a lone VMDK/VHD into a new image of the given format (raw by default).\n"
+    "-f gives the format of the disks to import (probed when not given; a raw\n"
+    "disk is imported only with -f raw).",
     run,
 };
 VD_CLI_COMMAND(cmd)

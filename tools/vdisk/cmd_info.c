@@ -158,6 +158,7 @@ static int run(int argc, char **argv)
     char *name = strdup(argv[optind]);
     char *seen[MAX_CHAIN];
     int nseen = 0, rc = 1;
+    char *hint = NULL;
 
     while (name) {
         /* Each layer is opened on its own (without its backing file), as
@@ -177,10 +178,13 @@ static int run(int argc, char **argv)
         }
         seen[nseen++] = real ? real : strdup(name);
 
-        struct vd_cli_open oo = { .format = fmt, .readonly = true, .force_share = share, .no_backing = true };
+        struct vd_cli_open oo = { .format = fmt, .readonly = true, .force_share = share, .no_backing = true,
+                                  .unknown_hint = hint };
         struct vd_disk *d;
         if (vd_cli_open(name, &oo, &d) < 0)
             goto out;
+        free(hint);
+        hint = NULL;
         struct vd_layer *l = vd_disk_top(d);
         json_t *o = layer_info(name, l);
         char *next = NULL;
@@ -189,6 +193,11 @@ static int run(int argc, char **argv)
             free(next_fmt);
             next_fmt = l->backing_fmt ? strdup(l->backing_fmt) : NULL;
             fmt = next_fmt;
+            /* a backing file whose format is not recorded is probed; a raw
+             * one is refused until its format is recorded */
+            if (!fmt && asprintf(&hint, "its format is not recorded in %s; if it is raw, record that: "
+                                 "vdisk rebase -u -b %s -F raw %s", name, l->backing_name, name) < 0)
+                hint = NULL;
         }
         vd_disk_close(d);
         if (!o) {
@@ -214,6 +223,7 @@ static int run(int argc, char **argv)
 out:
     free(name);
     free(next_fmt);
+    free(hint);
     for (int i = 0; i < nseen; i++)
         free(seen[i]);
     json_decref(list);
@@ -224,7 +234,7 @@ static const struct vd_cli_cmd cmd_info = {
     "info",
     "[-f fmt] [--output=human|json] [--backing-chain] [-U] filename",
     "Show an image's format, sizes, backing file and format-specific details.\n"
-    "  -f fmt            image format (probed when omitted; raw when nothing matches)\n"
+    "  -f fmt            image format (probed when omitted; a raw image needs -f raw)\n"
     "  --output=FMT      human (default) or json, with qemu-img's keys\n"
     "  --backing-chain   also every image of the backing chain (JSON: an array)\n"
     "  -U, --force-share do not take the image lock (the image may be in use)\n",

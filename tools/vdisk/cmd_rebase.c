@@ -140,7 +140,7 @@ static int run(int argc, char **argv)
     if (backing && (!unsafe || !bfmt)) {
         /* Open the new backing file: safe mode reads it, and its format is
          * needed when -F is missing (a probed raw file is not accepted). */
-        struct vd_cli_open bo = { .format = bfmt, .readonly = true, .force_share = true, .quiet = true };
+        struct vd_cli_open bo = { .format = bfmt, .format_opt = "-F", .readonly = true, .force_share = true };
         if (vd_cli_open(path, &bo, &nb) < 0) {
             vd_cli_err("Could not open new backing file '%s'", backing);
             goto out;

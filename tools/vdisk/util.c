@@ -80,7 +80,10 @@ int vd_cli_open(const char *file, const struct vd_cli_open *o, struct vd_disk **
     }
     if (!oo.format) {
         /* Probe here rather than in vd_disk_open so that a file no format
-         * claims opens as raw, as qemu-img does; writers get its warning. */
+         * claims gets a message naming the option that would open it: a
+         * file is raw only when the user says so, never by guess (a guest
+         * could otherwise write a header into a raw disk and have it read
+         * as another format next time). */
         struct vd_file *f;
         const struct vd_format *fmt;
         r = vd_file_open(file, VD_FILE_RDONLY | VD_FILE_NOLOCK, VD_CACHE_WRITEBACK, &f);
@@ -91,17 +94,19 @@ int vd_cli_open(const char *file, const struct vd_cli_open *o, struct vd_disk **
         vd_err_clear();
         r = vd_format_probe(f, &fmt);
         vd_file_close(f);
-        if (r == 0) {
-            oo.format = fmt->name;
-        } else if (r == -EINVAL) {
-            oo.format = "raw";
-            if (!o->readonly && !o->quiet)
-                fprintf(stderr, "WARNING: Image format was not specified for '%s' and probing guessed raw.\n"
-                                "         Specify the 'raw' format explicitly to remove this warning.\n", file);
-        } else {
+        if (r == -EINVAL) {
+            if (o->unknown_hint)
+                vd_cli_err("%s: image format not recognised; %s", file, o->unknown_hint);
+            else
+                vd_cli_err("%s: image format not recognised; pass %s raw to open it as raw", file,
+                           o->format_opt ? o->format_opt : "-f");
+            return r;
+        }
+        if (r < 0) {
             vd_cli_err_file(file, r);
             return r;
         }
+        oo.format = fmt->name;
         vd_err_clear();
     }
     r = vd_disk_open(file, &oo, out);
@@ -147,12 +152,6 @@ int vd_cli_size(const char *s, uint64_t *out, const char *what)
 
 int vd_cli_cache(const char *s, enum vd_cache *out)
 {
-    /* qemu's other modes map onto the two the core has: the tool flushes
-     * before it exits anyway. */
-    if (!strcmp(s, "writethrough") || !strcmp(s, "unsafe")) {
-        *out = VD_CACHE_WRITEBACK;
-        return 0;
-    }
     if (vd_cache_parse(s, out) < 0) {
         vd_cli_err("Invalid cache option: %s (none, writeback, writethrough, directsync or unsafe)", s);
         return -EINVAL;

@@ -55,6 +55,8 @@ static void usage(FILE *f)
 "Process:\n"
 "  --threads N            event-loop threads (default: one per CPU; 1 with --stdio)\n"
 "  --handshake-timeout S  close clients that choose no export within S seconds (60)\n"
+"  --drain-timeout S      on export removal and shutdown, close a client that has\n"
+"                         not taken all its replies within S seconds (5)\n"
 "  --log=stderr|syslog    where messages go (default stderr)\n"
 "  --log-level=LEVEL      error, warning, info (default) or debug\n"
 "  --pidfile FILE         write the process id there\n"
@@ -173,6 +175,7 @@ enum {
     OPT_NBD = 256, OPT_EXPORT, OPT_CONTROL, OPT_TLS, OPT_TLS_CERT, OPT_TLS_KEY, OPT_TLS_CA,
     OPT_TLS_VERIFY, OPT_TLS_PSK, OPT_THREADS, OPT_LOG, OPT_LOG_LEVEL, OPT_PIDFILE, OPT_STDIO,
     OPT_HS_TIMEOUT,
+    OPT_DRAIN_TIMEOUT,
 };
 
 int main(int argc, char **argv)
@@ -193,6 +196,7 @@ int main(int argc, char **argv)
         { "pidfile", required_argument, NULL, OPT_PIDFILE },
         { "stdio", no_argument, NULL, OPT_STDIO },
         { "handshake-timeout", required_argument, NULL, OPT_HS_TIMEOUT },
+        { "drain-timeout", required_argument, NULL, OPT_DRAIN_TIMEOUT },
         { "help", no_argument, NULL, 'h' },
         { "version", no_argument, NULL, 'V' },
         { NULL, 0, NULL, 0 },
@@ -205,7 +209,7 @@ int main(int argc, char **argv)
     enum vd_nbd_tls tls = VD_NBD_TLS_OFF;
     bool use_syslog = false, stdio_mode = false;
     enum vd_log_level level = VD_LOG_INFO;
-    long threads = 0, hs_timeout = 0;
+    long threads = 0, hs_timeout = 0, drain_timeout = 0;
     int c;
     if (!nbd || !exports)
         return 1;
@@ -261,6 +265,15 @@ int main(int argc, char **argv)
             }
             break;
         }
+        case OPT_DRAIN_TIMEOUT: {
+            char *end;
+            drain_timeout = strtol(optarg, &end, 10);
+            if (*end || drain_timeout < 1 || drain_timeout > 3600) {
+                fprintf(stderr, "vdiskd: --drain-timeout=%s: expected 1 to 3600 seconds\n", optarg);
+                return 1;
+            }
+            break;
+        }
         case OPT_STDIO: stdio_mode = true; break;
         case 'h': usage(stdout); return 0;
         case 'V': printf("vdiskd %s\n", VDISK_VERSION); return 0;
@@ -306,7 +319,8 @@ int main(int argc, char **argv)
     if (tls != VD_NBD_TLS_OFF && (r = vd_nbd_tls_new(&tlscfg, &tls_ctx)) < 0)
         fatal("TLS", r);
     struct vd_nbd_server_config scfg = { .tls = tls, .tls_ctx = tls_ctx,
-                                         .handshake_seconds = (unsigned)hs_timeout };
+                                         .handshake_seconds = (unsigned)hs_timeout,
+                                         .drain_seconds = (unsigned)drain_timeout };
     if (stdio_mode) {
         scfg.on_idle = stdio_idle;
     }
