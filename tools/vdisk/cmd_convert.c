@@ -949,6 +949,10 @@ static int run(int argc, char **argv)
                    vd_disk_size(cv.dst), cv.total);
         goto out;
     }
+    /* A target that stores only whole compressed units (streamOptimized
+     * VMDK) is written through the -c pipeline, as qemu-img does. */
+    if (cv.dst_top->compressed_only)
+        compress = true;
     cv.target_backing = co.backing != NULL;
     cv.target_zero = no_create ? target_is_zero : !cv.target_backing;
     cv.sparse = sparse;
