@@ -5,10 +5,14 @@
 #   qemu-nbd   (QEMU's own rbd driver, fio --ioengine=nbd)
 #   fio-rbd    (fio --ioengine=rbd: librbd in fio's process, the limit)
 # Prints IOPS and CPU seconds (client = fio, server = vdiskd / qemu-nbd, osd)
-# per case, and the ratios vdiskd / qemu-nbd and vdiskd / fio-rbd.
+# per case, and the ratios vdiskd / qemu-nbd and vdiskd / fio-rbd. Extra
+# cases (TOOLS): vdiskd-mc, the same 32 requests in flight over two NBD
+# connections (fio numjobs=2, iodepth=16); fio-rbd-same, fio's rbd engine
+# with the librbd settings vdiskd uses.
 #   RUNTIME=15  seconds per case     SIZE=1G  image size (prefilled)
 #   VDISKD=build/bin/vdiskd          RBD_CONF=… use a running cluster instead
 #   RBD_IMAGE=NAME  with RBD_CONF: an existing, filled image in pool rbd (kept)
+#   RBD_OPTS=:KEY=VALUE…  Ceph options for vdiskd and qemu-nbd (appended to the name)
 #   RWS="randread randwrite"         TOOLS="vdiskd qemu-nbd fio-rbd"  (subsets)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,13 +39,18 @@ fi
 osd=$(cat "$(dirname "$conf")/osd.pid" 2>/dev/null || echo)
 img=${RBD_IMAGE:-bench$$}
 export CEPH_CONF=$conf
-name="rbd:rbd/$img:conf=$conf"
+name="rbd:rbd/$img:conf=$conf${RBD_OPTS:-}"
 if [ -z "${RBD_IMAGE:-}" ]; then
     timeout 60 rbd -c "$conf" create "rbd/$img" --size "$SIZE"
     # prefill, so that reads find data everywhere
     timeout 600 fio --name=fill --ioengine=rbd --pool=rbd --rbdname="$img" --clientname=admin \
         --rw=write --bs=4M --iodepth=4 --size="$SIZE" > /dev/null
 fi
+
+# fio-rbd-same: fio's rbd engine with the librbd settings vdiskd gives its
+# images (librados_thread_count=1; rbd_cache is on in both by default)
+same=$dir/same.conf
+sed 's/^\[client\]$/[client]\nlibrados thread count = 1/' "$conf" > "$same"
 
 ticks=$(getconf CLK_TCK)
 cpu_of() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
@@ -53,7 +62,7 @@ runfio() {
         fio --name=b --rw="$rw" --bs=4k --iodepth=32 --size="$SIZE" --time_based --runtime="$RUNTIME" \
             --randrepeat=0 --norandommap --output-format=json "$@" > "$dir/fio.out" 2>/dev/null
     out=$(sed -n '/^{/,$p' "$dir/fio.out")
-    printf '%s %s\n' "$(jq '.jobs[0] | (.read.iops + .write.iops) | floor' <<<"$out")" \
+    printf '%s %s\n' "$(jq '[.jobs[] | .read.iops + .write.iops] | add | floor' <<<"$out")" \
         "$(awk '{ printf "%.2f", $1 + $2 }' "$dir/time")"
 }
 
@@ -63,7 +72,7 @@ one() {
     local tool=$1 rw=$2 srv= sock=$dir/nbd.sock s0 o0 res
     rm -f "$sock"
     case $tool in
-    vdiskd)
+    vdiskd|vdiskd-mc)
         "$VDISKD" --nbd "unix:$sock" --log-level=warning --export "name=b,file=$name,format=raw" 2> "$dir/vdiskd.log" &
         srv=$! ;;
     qemu-nbd)
@@ -78,6 +87,10 @@ one() {
     s0=$(cpu_of "$srv"); o0=$(cpu_of "$osd")
     if [ "$tool" = fio-rbd ]; then
         res=$(runfio "$rw" --ioengine=rbd --pool=rbd --rbdname="$img" --clientname=admin)
+    elif [ "$tool" = fio-rbd-same ]; then
+        res=$(CEPH_CONF=$same runfio "$rw" --ioengine=rbd --pool=rbd --rbdname="$img" --clientname=admin)
+    elif [ "$tool" = vdiskd-mc ]; then
+        res=$(runfio "$rw" --ioengine=nbd --uri="nbd+unix:///b?socket=$sock" --iodepth=16 --numjobs=2)
     else
         res=$(runfio "$rw" --ioengine=nbd --uri="nbd+unix:///b?socket=$sock")
     fi
@@ -86,7 +99,7 @@ one() {
     ocpu=$(awk -v a="$(cpu_of "$osd")" -v b="$o0" -v t="$ticks" 'BEGIN { printf "%.2f", (a - b) / t }')
     if [ -n "$srv" ]; then kill "$srv"; wait "$srv" 2>/dev/null || true; fi
     IOPS[$tool.$rw]=${res% *}
-    printf '%-10s %-10s %8d IOPS   cpu: client %6.2fs  server %6.2fs  osd %6.2fs   %5.1f us cpu/IO (client+server)\n' \
+    printf '%-12s %-10s %8d IOPS   cpu: client %6.2fs  server %6.2fs  osd %6.2fs   %5.1f us cpu/IO (client+server)\n' \
         "$tool" "$rw" "${res% *}" "${res#* }" "$scpu" "$ocpu" \
         "$(awk -v c="${res#* }" -v s="$scpu" -v i="${res% *}" -v t="$RUNTIME" 'BEGIN { print (i > 0 ? (c + s) * 1e6 / (i * t) : 0) }')"
 }
@@ -98,7 +111,13 @@ for rw in $RWS; do
     for tool in $TOOLS; do one "$tool" "$rw"; done
 done
 for rw in $RWS; do
-    awk -v v="${IOPS[vdiskd.$rw]:-0}" -v q="${IOPS[qemu-nbd.$rw]:-0}" -v f="${IOPS[fio-rbd.$rw]:-0}" -v rw="$rw" \
-        'BEGIN { printf "%-10s vdiskd/qemu-nbd %.2fx (target >= 1.2)   vdiskd/fio-rbd %.2fx (target >= 0.8)\n", rw, q ? v / q : 0, f ? v / f : 0 }'
+    v=${IOPS[vdiskd.$rw]:-0}; line=$rw
+    for peer in qemu-nbd fio-rbd fio-rbd-same; do
+        p=${IOPS[$peer.$rw]:-0}
+        [ "$p" -gt 0 ] && [ "$v" -gt 0 ] && line+=$(awk -v v="$v" -v p="$p" -v n="$peer" 'BEGIN { printf "   vdiskd/%s %.2fx", n, v / p }')
+    done
+    m=${IOPS[vdiskd-mc.$rw]:-0}; f=${IOPS[fio-rbd.$rw]:-0}
+    [ "$m" -gt 0 ] && [ "$f" -gt 0 ] && line+=$(awk -v v="$m" -v p="$f" 'BEGIN { printf "   vdiskd-mc/fio-rbd %.2fx", v / p }')
+    echo "$line   (targets: >= 1.2 qemu-nbd, >= 0.8 fio-rbd)"
 done
 [ -n "${RBD_IMAGE:-}" ] || timeout 60 rbd -c "$conf" rm "rbd/$img" > /dev/null 2>&1 || true

@@ -18,21 +18,9 @@
 #include "vdisk/format.h"
 #include "formats/vhd/vhd.h"
 
-struct vhd {
-    uint8_t footer[VHD_FOOTER_SIZE];
-    uint8_t dynhdr[VHD_DYNHDR_SIZE];
-    uint32_t type;
-    /* dynamic and differencing */
-    uint64_t bat_off;
-    uint32_t max_entries;
-    uint32_t block_size;
-    uint32_t bitmap_size;       /* bytes, sector-padded */
-    uint32_t *bat;              /* host order */
-    uint8_t **bitmaps;          /* per block, loaded on demand (differencing) */
-    uint64_t next;              /* where the next block goes (the footer sits here) */
-};
+#define fname vd_vhd_name
 
-static const char *fname(struct vd_layer *l) { return l->filename ? l->filename : "?"; }
+const char *vd_vhd_name(struct vd_layer *l) { return l->filename ? l->filename : "?"; }
 
 static int vhd_read_footer(struct vd_layer *l, uint64_t fsize, uint8_t *foot)
 {
@@ -194,7 +182,8 @@ static int vhd_open_dynamic(struct vd_layer *l, struct vhd *s, uint64_t fsize)
                       (unsigned long long)s->bat_off, (unsigned long long)bat_bytes);
     s->bat = malloc(bat_bytes);
     s->bitmaps = calloc(s->max_entries, sizeof(*s->bitmaps));
-    if (!s->bat || !s->bitmaps)
+    s->pending = calloc(s->max_entries, 1);
+    if (!s->bat || !s->bitmaps || !s->pending)
         return -ENOMEM;
     r = vd_file_pread(l->file, s->bat, bat_bytes, s->bat_off);
     if (r < 0)
@@ -282,6 +271,7 @@ static void vhd_close(struct vd_layer *l)
         for (uint32_t i = 0; i < s->max_entries; i++)
             free(s->bitmaps[i]);
     free(s->bitmaps);
+    free(s->pending);
     free(s->bat);
     free(s);
     l->priv = NULL;
@@ -296,8 +286,9 @@ static int vhd_open(struct vd_layer *l)
     return r;
 }
 
-static int vhd_bitmap(struct vd_layer *l, struct vhd *s, uint32_t blk, uint8_t **out)
+int vd_vhd_bitmap(struct vd_layer *l, uint32_t blk, uint8_t **out)
 {
+    struct vhd *s = l->priv;
     if (!s->bitmaps[blk]) {
         uint8_t *b = malloc(s->bitmap_size);
         if (!b)
@@ -313,11 +304,6 @@ static int vhd_bitmap(struct vd_layer *l, struct vhd *s, uint32_t blk, uint8_t *
     }
     *out = s->bitmaps[blk];
     return 0;
-}
-
-static inline bool bit_at(const uint8_t *bm, uint64_t sec)
-{
-    return bm[sec / 8] & (0x80 >> (sec % 8));
 }
 
 static int vhd_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, struct vd_map *m)
@@ -346,13 +332,13 @@ static int vhd_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flag
     uint64_t base = (uint64_t)s->bat[blk] * VHD_SECTOR + s->bitmap_size;
     if (s->type == VHD_TYPE_DIFF) {
         uint8_t *bm;
-        int r = vhd_bitmap(l, s, blk, &bm);
+        int r = vd_vhd_bitmap(l, blk, &bm);
         if (r < 0)
             return r;
         uint64_t sec = in / VHD_SECTOR, end_sec = (in + n + VHD_SECTOR - 1) / VHD_SECTOR;
-        bool set = bit_at(bm, sec);
+        bool set = vhd_bit(bm, sec);
         uint64_t e = sec + 1;
-        while (e < end_sec && bit_at(bm, e) == set)
+        while (e < end_sec && vhd_bit(bm, e) == set)
             e++;
         uint64_t run = e * VHD_SECTOR - in;
         if (run < n)
@@ -369,11 +355,51 @@ static int vhd_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flag
     return 0;
 }
 
-static int vhd_write_footer_at(struct vd_layer *l, struct vhd *s, uint64_t off)
+int vd_vhd_write_footer(struct vd_layer *l, uint64_t off)
 {
+    struct vhd *s = l->priv;
     int r = vd_file_pwrite(l->file, s->footer, VHD_FOOTER_SIZE, off);
     return r < 0 ? vd_err(r, "%s: cannot write the footer at offset %llu", fname(l),
                           (unsigned long long)off) : 0;
+}
+
+int vd_vhd_append_block(struct vd_layer *l, const uint8_t *bm, uint64_t *block_off)
+{
+    struct vhd *s = l->priv;
+    /* Place the block so that its data starts on a 4 KiB boundary: a
+     * page-aligned guest write then maps to whole host pages and a
+     * killed writer cannot leave it half-written across two pages. */
+    uint64_t at = (s->next + s->bitmap_size + 4095) / 4096 * 4096 - s->bitmap_size;
+    if (at < s->next)
+        at += 4096;
+    uint64_t block_bytes = (uint64_t)s->bitmap_size + s->block_size;
+    if ((at + block_bytes) / VHD_SECTOR > 0xFFFFFFFFull)
+        return vd_err(-EFBIG, "%s: the file cannot grow past 2 TiB of sectors", fname(l));
+    /* The footer first, at the new end: the file grows and every byte up
+     * to it reads as zeros; then the block's bitmap over the old footer. */
+    int r = vd_vhd_write_footer(l, at + block_bytes);
+    if (r < 0)
+        return r;
+    r = vd_file_pwrite(l->file, bm, s->bitmap_size, at);
+    if (r < 0)
+        return vd_err(r, "%s: cannot write a block bitmap at offset %llu", fname(l),
+                      (unsigned long long)at);
+    s->next = at + block_bytes;
+    *block_off = at;
+    return 0;
+}
+
+int vd_vhd_set_bat(struct vd_layer *l, uint32_t blk, uint32_t v)
+{
+    struct vhd *s = l->priv;
+    uint8_t e[4];
+    vhd_put32(e, v);
+    int r = vd_file_pwrite(l->file, e, 4, s->bat_off + (uint64_t)blk * 4);
+    if (r < 0)
+        return vd_err(r, "%s: cannot write BAT entry %u at offset %llu", fname(l), blk,
+                      (unsigned long long)(s->bat_off + (uint64_t)blk * 4));
+    s->bat[blk] = v;
+    return 0;
 }
 
 static int vhd_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_alloc *a)
@@ -401,30 +427,17 @@ static int vhd_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_a
     a->file = l->file;
     uint64_t block_off;
     if (s->bat[blk] == VHD_BAT_UNUSED) {
-        /* Place the block so that its data starts on a 4 KiB boundary: a
-         * page-aligned guest write then maps to whole host pages and a
-         * killed writer cannot leave it half-written across two pages. */
-        block_off = (s->next + s->bitmap_size + 4095) / 4096 * 4096 - s->bitmap_size;
-        if (block_off < s->next)
-            block_off += 4096;
-        uint64_t block_bytes = (uint64_t)s->bitmap_size + s->block_size;
-        /* The footer first, at the new end: the file grows and every byte
-         * up to it reads as zeros; then the block's bitmap over the old
-         * footer. All ones for a dynamic disk (its whole block is data),
-         * zeros for a differencing one (commit sets the written sectors). */
-        int r = vhd_write_footer_at(l, s, block_off + block_bytes);
-        if (r < 0)
-            return r;
+        /* All ones for a dynamic disk (its whole block is data), zeros
+         * for a differencing one (commit sets the written sectors). */
         uint8_t *bm = malloc(s->bitmap_size);
         if (!bm)
             return -ENOMEM;
         memset(bm, s->type == VHD_TYPE_DIFF ? 0x00 : 0xFF, s->bitmap_size);
-        r = vd_file_pwrite(l->file, bm, s->bitmap_size, block_off);
+        int r = vd_vhd_append_block(l, bm, &block_off);
         free(bm);
         if (r < 0)
-            return vd_err(r, "%s: cannot write a block bitmap at offset %llu", fname(l),
-                          (unsigned long long)block_off);
-        s->next = block_off + block_bytes;
+            return r;
+        s->pending[blk] = 1;
         a->fresh = true;
         a->priv[0] = 1;
     } else {
@@ -444,6 +457,8 @@ static int vhd_commit(struct vd_layer *l, struct vd_alloc *a, int err)
     uint32_t blk = (uint32_t)a->priv[1];
     uint64_t block_off = a->priv[2];
     int r;
+    if (a->priv[0])
+        s->pending[blk] = 0;
     if (err < 0)
         return 0;      /* a new block stays unlinked: leaked, never exposed */
     if (s->type == VHD_TYPE_DIFF) {
@@ -456,7 +471,7 @@ static int vhd_commit(struct vd_layer *l, struct vd_alloc *a, int err)
             free(s->bitmaps[blk]);
             s->bitmaps[blk] = bm;
         } else {
-            r = vhd_bitmap(l, s, blk, &bm);
+            r = vd_vhd_bitmap(l, blk, &bm);
             if (r < 0)
                 return r;
         }
@@ -472,15 +487,8 @@ static int vhd_commit(struct vd_layer *l, struct vd_alloc *a, int err)
             return vd_err(r, "%s: cannot write the bitmap of block %u at offset %llu", fname(l),
                           blk, (unsigned long long)(block_off + b0));
     }
-    if (a->priv[0]) {
-        uint8_t e[4];
-        vhd_put32(e, (uint32_t)(block_off / VHD_SECTOR));
-        r = vd_file_pwrite(l->file, e, 4, s->bat_off + (uint64_t)blk * 4);
-        if (r < 0)
-            return vd_err(r, "%s: cannot write BAT entry %u at offset %llu", fname(l), blk,
-                          (unsigned long long)(s->bat_off + (uint64_t)blk * 4));
-        s->bat[blk] = (uint32_t)(block_off / VHD_SECTOR);
-    }
+    if (a->priv[0])
+        return vd_vhd_set_bat(l, blk, (uint32_t)(block_off / VHD_SECTOR));
     return 0;
 }
 
@@ -594,9 +602,13 @@ const struct vd_format vd_format_vhd = {
     .map = vhd_map,
     .alloc = vhd_alloc,
     .commit = vhd_commit,
+    .discard = vd_vhd_discard,
+    .zero = vd_vhd_zero,
     .flush = vhd_flush,
+    .resize = vd_vhd_resize,
     .check = vhd_check,
     .info = vhd_info,
     .backing_opened = vhd_backing_opened,
+    .set_backing = vd_vhd_set_backing,
     .create_opts = vhd_create_opts,
 };

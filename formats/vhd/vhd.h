@@ -72,6 +72,62 @@ static inline void vhd_put64(uint8_t *p, uint64_t v)
     vhd_put32(p, v >> 32); vhd_put32(p + 4, (uint32_t)v);
 }
 
+/* Driver state of an open image (vhd.c; the ops in vhd_ops.c share it). */
+struct vhd {
+    uint8_t footer[VHD_FOOTER_SIZE];
+    uint8_t dynhdr[VHD_DYNHDR_SIZE];
+    uint32_t type;
+    /* dynamic and differencing */
+    uint64_t bat_off;
+    uint32_t max_entries;
+    uint32_t block_size;
+    uint32_t bitmap_size;       /* bytes, sector-padded */
+    uint32_t *bat;              /* host order */
+    uint8_t **bitmaps;          /* per block, loaded on demand (differencing) */
+    uint64_t next;              /* where the next block goes (the footer sits here) */
+    uint8_t *pending;           /* per block: a new block is being written (alloc..commit) */
+};
+
+const char *vd_vhd_name(struct vd_layer *l);
+/* The sector bitmap of allocated block blk (read once, then cached). */
+int  vd_vhd_bitmap(struct vd_layer *l, uint32_t blk, uint8_t **out);
+/* Write the footer (s->footer) at offset off. */
+int  vd_vhd_write_footer(struct vd_layer *l, uint64_t off);
+/* Append a block at the end (the footer moves behind it) whose on-disk
+ * bitmap is bm; the data area reads as zeros. Sets *block_off. Does not
+ * link it in the BAT. */
+int  vd_vhd_append_block(struct vd_layer *l, const uint8_t *bm, uint64_t *block_off);
+/* Write BAT entry blk (host order value v) and cache it. */
+int  vd_vhd_set_bat(struct vd_layer *l, uint32_t blk, uint32_t v);
+
+static inline bool vhd_bit(const uint8_t *bm, uint64_t sec)
+{
+    return bm[sec / 8] & (0x80 >> (sec % 8));
+}
+
+/* vhd_ops.c */
+int vd_vhd_zero(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags);
+int vd_vhd_discard(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags);
+int vd_vhd_resize(struct vd_layer *l, uint64_t size, enum vd_prealloc prealloc);
+int vd_vhd_set_backing(struct vd_layer *l, const char *name, const char *fmt);
+
+/* vhd_create.c: a parent's identity, for a differencing disk's header. */
+struct vd_vhd_parent {
+    uint8_t uuid[16];
+    uint32_t mtime;
+    uint64_t size;
+    char *abs;          /* absolute path */
+    const char *rel;    /* as recorded (relative to the child's folder) */
+};
+int vd_vhd_read_parent(const char *child, const char *backing, struct vd_vhd_parent *pi);
+/* UTF-8 to UTF-16 (le or be, '/' as '\\' if backslash); bytes written. */
+size_t vd_vhd_to_utf16(const char *s, uint8_t *out, size_t cap, bool le, bool backslash);
+/* Fill header parent fields (uuid, time, name) and build the two locators'
+ * data (W2ku absolute, W2ru relative) into loc[] (malloc'ed, sector-padded,
+ * sizes in space[], used bytes in len[]). */
+int vd_vhd_parent_locators(const struct vd_vhd_parent *pi, uint8_t *hdr, uint8_t *loc[2],
+                           size_t space[2], size_t len[2]);
+
 /* One's complement of the byte sum, skipping the 4 checksum bytes at csum_off. */
 uint32_t vd_vhd_checksum(const uint8_t *buf, size_t len, size_t csum_off);
 /* The specification's CHS algorithm for a sector count. */

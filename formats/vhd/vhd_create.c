@@ -42,7 +42,7 @@ static void make_footer(uint8_t *f, uint32_t type, uint64_t size, bool force_siz
 }
 
 /* UTF-8 to UTF-16 (le or be); returns bytes written (no terminator). */
-static size_t to_utf16(const char *s, uint8_t *out, size_t cap, bool le, bool backslash)
+size_t vd_vhd_to_utf16(const char *s, uint8_t *out, size_t cap, bool le, bool backslash)
 {
     size_t n = 0;
     const unsigned char *p = (const unsigned char *)s;
@@ -79,15 +79,7 @@ static int write_zeros(struct vd_file *f, uint64_t off, uint64_t len, const char
     return r < 0 ? vd_err(r, "%s: cannot write zeros at offset %llu", name, (unsigned long long)off) : 0;
 }
 
-struct parent_info {
-    uint8_t uuid[16];
-    uint32_t mtime;
-    uint64_t size;
-    char *abs;          /* absolute path */
-    const char *rel;    /* as recorded (relative to the child's folder) */
-};
-
-static int read_parent_at(const char *child, const char *path, struct parent_info *pi)
+static int read_parent_at(const char *child, const char *path, struct vd_vhd_parent *pi)
 {
     struct vd_file *f;
     int r = vd_file_open(path, VD_FILE_RDONLY | VD_FILE_NOLOCK, VD_CACHE_WRITEBACK, &f);
@@ -115,7 +107,7 @@ static int read_parent_at(const char *child, const char *path, struct parent_inf
 
 /* The parent named `backing`, resolved against the child's folder as the
  * core resolves it when opening the chain. */
-static int read_parent(const char *child, const char *backing, struct parent_info *pi)
+int vd_vhd_read_parent(const char *child, const char *backing, struct vd_vhd_parent *pi)
 {
     char *path = vd_backing_path(child, backing);
     if (!path)
@@ -124,6 +116,40 @@ static int read_parent(const char *child, const char *backing, struct parent_inf
     int r = read_parent_at(child, path, pi);
     free(path);
     return r;
+}
+
+int vd_vhd_parent_locators(const struct vd_vhd_parent *pi, uint8_t *hdr, uint8_t *loc[2],
+                           size_t space[2], size_t len[2])
+{
+    memcpy(hdr + VH_PARENT_UUID, pi->uuid, 16);
+    vhd_put32(hdr + VH_PARENT_TIME, pi->mtime);
+    memset(hdr + VH_PARENT_NAME, 0, 512);
+    memset(hdr + VH_LOCATORS, 0, 8 * 24);
+    const char *base = strrchr(pi->abs, '/');
+    vd_vhd_to_utf16(base ? base + 1 : pi->abs, hdr + VH_PARENT_NAME, 512, false, false);
+    /* W2ku: the absolute path; W2ru: relative to the child, ".\name". */
+    char rel[PATH_MAX + 3];
+    snprintf(rel, sizeof(rel), "%s%s", pi->rel[0] == '/' || pi->rel[0] == '.' ? "" : "./", pi->rel);
+    const char *paths[2] = { pi->abs, rel };
+    uint32_t codes[2] = { VHD_PLAT_W2KU, VHD_PLAT_W2RU };
+    loc[0] = loc[1] = NULL;
+    for (int i = 0; i < 2; i++) {
+        size_t cap = strlen(paths[i]) * 2 + 2;
+        space[i] = (cap + VHD_SECTOR - 1) / VHD_SECTOR * VHD_SECTOR;
+        loc[i] = calloc(1, space[i]);
+        if (!loc[i]) {
+            free(loc[0]);
+            loc[0] = NULL;
+            return -ENOMEM;
+        }
+        len[i] = vd_vhd_to_utf16(paths[i], loc[i], cap, true, true);
+        uint8_t *e = hdr + VH_LOCATORS + i * 24;
+        vhd_put32(e, codes[i]);
+        vhd_put32(e + 4, (uint32_t)space[i]);   /* bytes, as Windows writes it */
+        vhd_put32(e + 8, (uint32_t)len[i]);
+        /* the offset (e + 16) is the caller's to set */
+    }
+    return 0;
 }
 
 int vd_vhd_create(const char *filename, const struct vd_create_opts *o)
@@ -151,7 +177,7 @@ int vd_vhd_create(const char *filename, const struct vd_create_opts *o)
             return vd_err(-EINVAL, "%s: a dynamic VHD is thin; lazy-/eager-zeroed provisioning "
                           "needs subformat=fixed", filename);
     }
-    struct parent_info pi = { 0 };
+    struct vd_vhd_parent pi = { 0 };
     uint64_t size = o->size;
     if (o->backing) {
         if (fixed)
@@ -159,7 +185,7 @@ int vd_vhd_create(const char *filename, const struct vd_create_opts *o)
         if (o->backing_fmt && strcmp(o->backing_fmt, "vhd") && strcmp(o->backing_fmt, "vpc"))
             return vd_err(-EINVAL, "%s: a differencing VHD needs a VHD parent, not %s", filename,
                           o->backing_fmt);
-        r = read_parent(filename, o->backing, &pi);
+        r = vd_vhd_read_parent(filename, o->backing, &pi);
         if (r < 0)
             return r;
         if (size == 0)
@@ -224,31 +250,13 @@ int vd_vhd_create(const char *filename, const struct vd_create_opts *o)
     size_t loclen[2] = { 0, 0 }, locspace[2] = { 0, 0 };
     uint64_t locoff[2] = { 0, 0 };
     if (o->backing) {
-        memcpy(hdr + VH_PARENT_UUID, pi.uuid, 16);
-        vhd_put32(hdr + VH_PARENT_TIME, pi.mtime);
-        const char *base = strrchr(pi.abs, '/');
-        to_utf16(base ? base + 1 : pi.abs, hdr + VH_PARENT_NAME, 512, false, false);
-        /* W2ku: the absolute path; W2ru: relative to the child, ".\name". */
-        char rel[PATH_MAX + 3];
-        snprintf(rel, sizeof(rel), "%s%s", pi.rel[0] == '/' || pi.rel[0] == '.' ? "" : "./", pi.rel);
-        const char *paths[2] = { pi.abs, rel };
-        uint32_t codes[2] = { VHD_PLAT_W2KU, VHD_PLAT_W2RU };
+        r = vd_vhd_parent_locators(&pi, hdr, loc, locspace, loclen);
+        if (r < 0)
+            goto out_loc;
         for (int i = 0; i < 2; i++) {
-            size_t cap = strlen(paths[i]) * 2 + 2;
-            locspace[i] = (cap + VHD_SECTOR - 1) / VHD_SECTOR * VHD_SECTOR;
-            loc[i] = calloc(1, locspace[i]);
-            if (!loc[i]) {
-                r = -ENOMEM;
-                goto out_loc;
-            }
-            loclen[i] = to_utf16(paths[i], loc[i], cap, true, true);
             locoff[i] = pos;
             pos += locspace[i];
-            uint8_t *e = hdr + VH_LOCATORS + i * 24;
-            vhd_put32(e, codes[i]);
-            vhd_put32(e + 4, (uint32_t)locspace[i]);   /* bytes, as Windows writes it */
-            vhd_put32(e + 8, (uint32_t)loclen[i]);
-            vhd_put64(e + 16, locoff[i]);
+            vhd_put64(hdr + VH_LOCATORS + i * 24 + 16, locoff[i]);
         }
     }
     uint64_t bat_off = pos;

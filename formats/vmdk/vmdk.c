@@ -9,6 +9,7 @@
  * redundant then the primary grain table. Compressed (streamOptimized)
  * extents are append-only: see vmdk_stream.c. */
 #include <errno.h>
+#include <pthread.h>
 #include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,7 +88,8 @@ int vd_vmdk_read_desc(const char *name, struct vd_file *f, char **text, size_t *
             *embedded = true;
             return 0;
         }
-        if (n > MAX_DESC_BYTES || off / VMDK_SECTOR != le64(h + VH_DESC_OFF) || off > fsize ||
+        if (n > MAX_DESC_BYTES || off / VMDK_SECTOR != le64(h + VH_DESC_OFF) ||
+            n / VMDK_SECTOR != le64(h + VH_DESC_SIZE) || off > fsize ||
             fsize - off < n)
             return vd_err(-EINVAL, "%s: embedded descriptor (offset %llu, %llu bytes) lies outside "
                           "the file or is too large", name, (unsigned long long)off, (unsigned long long)n);
@@ -241,6 +243,9 @@ static int vmdk_open_inner(struct vd_layer *l)
         return r;
     l->cluster_size = 0;
     for (size_t i = 0; i < s->next; i++)
+        if (s->ext[i].sp && s->ext[i].sp->compressed)
+            l->compressed_only = true;
+    for (size_t i = 0; i < s->next; i++)
         if (s->ext[i].sp) {
             l->cluster_size = (uint32_t)(s->ext[i].sp->grain * VMDK_SECTOR);
             break;
@@ -272,6 +277,7 @@ static void vmdk_close(struct vd_layer *l)
         free(e->path);
     }
     free(s->ext);
+    free(s->pend);
     vd_vmdk_desc_free(&s->desc);
     if (s->scratch) {
         vd_file_close(s->scratch->f);
@@ -291,7 +297,7 @@ static int vmdk_open(struct vd_layer *l)
     return r;
 }
 
-static struct vmdk_extent *find_extent(struct vmdk *s, uint64_t sector)
+struct vmdk_extent *vd_vmdk_find_extent(struct vmdk *s, uint64_t sector)
 {
     size_t lo = 0, hi = s->next;
     while (lo < hi) {
@@ -317,7 +323,7 @@ static int write_desc(struct vd_layer *l, struct vmdk *s)
         return -ENOMEM;
     if (s->embedded) {
         struct vmdk_sparse *sp = s->ext[0].sp;
-        uint64_t cap = sp ? sp->desc_size * VMDK_SECTOR : 0;
+        uint64_t cap = sp && sp->desc_size <= MAX_DESC_BYTES / VMDK_SECTOR ? sp->desc_size * VMDK_SECTOR : 0;
         if (!sp || len + 1 > cap) {
             free(t);
             return vd_err(-ENOSPC, "%s: the descriptor no longer fits its %llu bytes", lname(l),
@@ -338,6 +344,42 @@ static int write_desc(struct vd_layer *l, struct vmdk *s)
     }
     free(t);
     return r < 0 ? vd_err(r, "%s: cannot rewrite the descriptor", lname(l)) : 0;
+}
+
+int vd_vmdk_write_desc(struct vd_layer *l)
+{
+    return write_desc(l, l->priv);
+}
+
+bool vd_vmdk_pending(const struct vmdk *s, size_t ext, uint64_t g)
+{
+    for (size_t i = 0; i < s->npend; i++)
+        if (s->pend[i].ext == ext && s->pend[i].g == g)
+            return true;
+    return false;
+}
+
+static int pend_add(struct vmdk *s, size_t ext, uint64_t g)
+{
+    if (s->npend == s->cpend) {
+        size_t c = s->cpend ? s->cpend * 2 : 16;
+        struct vmdk_pend *p = realloc(s->pend, c * sizeof(*p));
+        if (!p)
+            return -ENOMEM;
+        s->pend = p;
+        s->cpend = c;
+    }
+    s->pend[s->npend++] = (struct vmdk_pend){ ext, g };
+    return 0;
+}
+
+static void pend_del(struct vmdk *s, size_t ext, uint64_t g)
+{
+    for (size_t i = 0; i < s->npend; i++)
+        if (s->pend[i].ext == ext && s->pend[i].g == g) {
+            s->pend[i] = s->pend[--s->npend];
+            return;
+        }
 }
 
 /* First write of this open: a new content ID, so children of this disk
@@ -362,6 +404,11 @@ static int touch_cid(struct vd_layer *l, struct vmdk *s)
     return write_desc(l, s);
 }
 
+int vd_vmdk_touch_cid(struct vd_layer *l)
+{
+    return touch_cid(l, l->priv);
+}
+
 static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags, struct vd_map *m)
 {
     struct vmdk *s = l->priv;
@@ -372,7 +419,7 @@ static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned fla
             return r;
     }
     uint64_t sec = off / VMDK_SECTOR;
-    struct vmdk_extent *e = find_extent(s, sec);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, sec);
     if (!e)
         return vd_err(-EIO, "%s: offset %llu is beyond the extents", lname(l), (unsigned long long)off);
     uint64_t estart = e->start * VMDK_SECTOR, eend = (e->start + e->sectors) * VMDK_SECTOR;
@@ -454,7 +501,7 @@ static int vmdk_map(struct vd_layer *l, uint64_t off, uint64_t len, unsigned fla
 static int vmdk_read_compressed(struct vd_layer *l, const struct vd_map *m, void *buf)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = find_extent(s, m->comp_voff / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, m->comp_voff / VMDK_SECTOR);
     if (!e || !e->sp)
         return vd_err(-EIO, "%s: no compressed extent at offset %llu", lname(l),
                       (unsigned long long)m->comp_voff);
@@ -471,6 +518,31 @@ static int vmdk_read_compressed(struct vd_layer *l, const struct vd_map *m, void
         memcpy(buf, tmp, m->comp_unit);
     free(tmp);
     return r;
+}
+
+static bool all_zero(const uint8_t *p, size_t len)
+{
+    return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
+}
+
+/* Append a compressed grain blob (marker included) for grain g of e. */
+static int stream_append_blob(struct vd_layer *l, struct vmdk_extent *e, uint64_t g,
+                              const uint8_t *blob, size_t blen)
+{
+    struct vmdk_sparse *sp = e->sp;
+    const char *en = e->path ? e->path : lname(l);
+    uint32_t gte;
+    int r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
+    if (r < 0)
+        return r;
+    if (gte != 0)
+        return vd_err(-EPERM, "%s: streamOptimized VMDK is append-only: grain at offset %llu is "
+                      "already written (convert the image to change it)", lname(l),
+                      (unsigned long long)((e->start + g * sp->grain) * VMDK_SECTOR));
+    r = vd_vmdk_stream_begin(en, e->file, sp);
+    if (r < 0)
+        return r;
+    return vd_vmdk_stream_append(en, e->file, sp, g, blob, blen);
 }
 
 /* streamOptimized appends: compress, then link. */
@@ -509,7 +581,7 @@ static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, c
 static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *buf, size_t len)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, off / VMDK_SECTOR);
     if (!e || !e->sp || !e->sp->compressed)
         return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
     if (e->access != VMDK_RW)
@@ -545,7 +617,7 @@ static int vmdk_compress(struct vd_layer *l, const void *in, size_t len, void *o
 static int vmdk_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *z, size_t zlen)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, off / VMDK_SECTOR);
     if (!e || !e->sp || !e->sp->compressed)
         return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
     if (e->access != VMDK_RW)
@@ -584,7 +656,7 @@ static int vmdk_write_compressed_raw(struct vd_layer *l, uint64_t off, const voi
 static int vmdk_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_alloc *a)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = find_extent(s, off / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(s, off / VMDK_SECTOR);
     memset(a, 0, sizeof(*a));
     if (!e)
         return vd_err(-EIO, "%s: offset %llu is beyond the extents", lname(l), (unsigned long long)off);
@@ -644,17 +716,25 @@ static int vmdk_alloc(struct vd_layer *l, uint64_t off, uint64_t len, struct vd_
         a->fresh = false;
         a->priv[2] = 2;
         a->priv[3] = slot;
-        return 0;
+        r = pend_add(s, (size_t)a->priv[0], g);
+        if (r < 0)
+            sc->used[slot] = 0;
+        return r;
     }
     uint64_t at = sp->next;
     if (at / VMDK_SECTOR + sp->grain > 0xFFFFFFFFull)
         return vd_err(-EFBIG, "%s: extent %s is full (2 TiB of sectors)", lname(l), en);
+    r = pend_add(s, (size_t)a->priv[0], g);
+    if (r < 0)
+        return r;
     /* Grow the file over the whole grain now: the core may write only the
      * non-zero part, and the file's end is where the next grain goes. */
     r = vd_file_truncate(e->file, at + gb);
-    if (r < 0)
+    if (r < 0) {
+        pend_del(s, (size_t)a->priv[0], g);
         return vd_err(r, "%s: cannot extend %s to %llu bytes", lname(l), en,
                       (unsigned long long)(at + gb));
+    }
     sp->next += gb;
     if (sp->next > sp->fsize)
         sp->fsize = sp->next;
@@ -673,21 +753,33 @@ static int vmdk_commit(struct vd_layer *l, struct vd_alloc *a, int err)
     struct vmdk_sparse *sp = e->sp;
     const char *en = e->path ? e->path : lname(l);
     uint64_t gb = sp->grain * VMDK_SECTOR;
+    pend_del(s, (size_t)a->priv[0], a->priv[1]);
     if (a->priv[2] == 2) {
         struct vmdk_scratch *sc = scratch_of(s);
         int r = err;
+        uint8_t *buf = NULL, *blob = NULL;
+        size_t blen = 0;
         if (r >= 0) {
-            uint8_t *buf = malloc(gb);
-            if (!buf)
-                r = -ENOMEM;
-            else {
-                r = vd_file_pread(sc->f, buf, a->fill_len, a->host_off);
-                if (r >= 0)
-                    r = stream_write(l, e, a->priv[1], buf, a->fill_len);
-                free(buf);
-            }
+            buf = malloc(gb);
+            r = buf ? vd_file_pread(sc->f, buf, a->fill_len, a->host_off) : -ENOMEM;
         }
         sc->used[a->priv[3]] = 0;
+        if (r >= 0 && !all_zero(buf, a->fill_len)) {
+            /* Compress with the layer lock dropped, so that the grains of
+             * concurrent writes compress in parallel: the buffer is ours,
+             * and the core keeps other writes out of this grain until
+             * commit returns. Only linking the blob needs the lock. */
+            pthread_mutex_unlock(&l->lock);
+            r = vd_vmdk_compress_grain(buf, a->fill_len, gb, a->priv[1] * sp->grain, &blob, &blen);
+            pthread_mutex_lock(&l->lock);
+            if (r < 0)
+                r = vd_err(r, "%s: cannot compress grain %llu", lname(l),
+                           (unsigned long long)a->priv[1]);
+            else
+                r = stream_append_blob(l, e, a->priv[1], blob, blen);
+        }
+        free(buf);
+        free(blob);
         return r < 0 && err >= 0 ? r : 0;
     }
     if (err < 0) {
@@ -728,6 +820,8 @@ static struct vmdk_scratch *scratch_of(struct vmdk *s)
     return sc;
 }
 
+/* Finish streams, and sync extent files other than l->file (the core syncs
+ * that one): a flush covers every file the disk's data lives in. */
 static int vmdk_flush(struct vd_layer *l)
 {
     struct vmdk *s = l->priv;
@@ -739,6 +833,11 @@ static int vmdk_flush(struct vd_layer *l)
             int r = vd_vmdk_stream_finish(e->path ? e->path : lname(l), e->file, e->sp);
             if (r < 0)
                 return r;
+        }
+        if (e->own_file && e->access == VMDK_RW && e->file != l->file) {
+            int r = vd_file_sync(e->file);
+            if (r < 0)
+                return vd_err(r, "%s: cannot sync extent file %s", lname(l), e->path);
         }
     }
     return 0;
@@ -935,7 +1034,10 @@ const struct vd_format vd_format_vmdk = {
     .write_compressed = vmdk_write_compressed,
     .compress = vmdk_compress,
     .write_compressed_raw = vmdk_write_compressed_raw,
+    .discard = vd_vmdk_discard,
+    .zero = vd_vmdk_zero,
     .flush = vmdk_flush,
+    .resize = vd_vmdk_resize,
     .check = vmdk_check,
     .info = vmdk_info,
     .backing_opened = vmdk_backing_opened,

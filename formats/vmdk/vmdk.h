@@ -109,6 +109,8 @@ int  vd_vmdk_desc_set(struct vmdk_desc *d, const char *key, const char *val, boo
 /* Serialise every line (unknown ones as read); malloc'ed, *len set. */
 char *vd_vmdk_desc_text(const struct vmdk_desc *d, size_t *len);
 const char *vd_vmdk_etype_name(enum vmdk_etype t);
+/* Rewrite the size (in sectors) of extent line idx. */
+int  vd_vmdk_desc_set_extent_sectors(struct vmdk_desc *d, size_t idx, uint64_t sectors);
 
 /* ---- sparse extents (vmdk_sparse.c) ---- */
 struct vmdk_sparse {
@@ -152,7 +154,23 @@ struct vmdk {
     bool cid_updated;
     bool stream_type;           /* createType streamOptimized */
     struct vmdk_scratch *scratch;   /* uncompressed staging for stream writes */
+    struct vmdk_pend { size_t ext; uint64_t g; } *pend;   /* grains between alloc and commit */
+    size_t npend, cpend;
 };
+
+/* ---- driver internals shared with vmdk_ops.c (vmdk.c) ---- */
+struct vmdk_extent *vd_vmdk_find_extent(struct vmdk *s, uint64_t sector);
+/* The first change of this open: a new CID in the descriptor. */
+int  vd_vmdk_touch_cid(struct vd_layer *l);
+/* Write the (changed) descriptor back. */
+int  vd_vmdk_write_desc(struct vd_layer *l);
+/* True while grain g of extent ext is between alloc and commit. */
+bool vd_vmdk_pending(const struct vmdk *s, size_t ext, uint64_t g);
+
+/* ---- write-zeroes, discard, resize (vmdk_ops.c) ---- */
+int  vd_vmdk_zero(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags);
+int  vd_vmdk_discard(struct vd_layer *l, uint64_t off, uint64_t len, unsigned flags);
+int  vd_vmdk_resize(struct vd_layer *l, uint64_t size, enum vd_prealloc prealloc);
 
 int  vd_vmdk_sparse_open(const char *name, struct vd_file *f, struct vmdk_sparse **out);
 void vd_vmdk_sparse_free(struct vmdk_sparse *s);

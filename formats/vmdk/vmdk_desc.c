@@ -339,3 +339,37 @@ char *vd_vmdk_desc_text(const struct vmdk_desc *d, size_t *len)
     *len = (size_t)(p - out);
     return out;
 }
+
+int vd_vmdk_desc_set_extent_sectors(struct vmdk_desc *d, size_t idx, uint64_t sectors)
+{
+    if (idx >= d->next)
+        return -EINVAL;
+    size_t seen = 0;
+    for (size_t i = 0; i < d->nlines; i++) {
+        struct vmdk_desc_line *L = &d->lines[i];
+        const char *t = L->text;
+        while (*t == ' ' || *t == '\t')
+            t++;
+        if (L->key || !(!strncmp(t, "RW", 2) || !strncmp(t, "RDONLY", 6) || !strncmp(t, "NOACCESS", 8)))
+            continue;
+        if (seen++ != idx)
+            continue;
+        /* ACCESS <spaces> SECTORS <rest>: replace the second token. */
+        const char *a = t;
+        while (*a && *a != ' ' && *a != '\t')
+            a++;
+        while (*a == ' ' || *a == '\t')
+            a++;
+        const char *b = a;
+        while (*b && *b != ' ' && *b != '\t')
+            b++;
+        char *nt;
+        if (asprintf(&nt, "%.*s%llu%s", (int)(a - L->text), L->text, (unsigned long long)sectors, b) < 0)
+            return -ENOMEM;
+        free(L->text);
+        L->text = nt;
+        d->ext[idx].sectors = sectors;
+        return 0;
+    }
+    return -EINVAL;
+}

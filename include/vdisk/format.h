@@ -167,6 +167,10 @@ struct vd_layer {
     struct vd_inflight *inflight;   /* core-private */
     enum vd_cache cache;
     bool opened;                /* core-private: fmt->open succeeded */
+    bool compressed_only;       /* set by open: data is stored only as whole
+                                   compressed units, each written once
+                                   (streamOptimized VMDK); convert then
+                                   writes it as with -c */
 };
 
 /* Formats: raw always; others register in formats/registry.c. */

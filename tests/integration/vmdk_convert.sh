@@ -56,7 +56,18 @@ sz=$(stat -c %s "$T/z.vmdk")
 [ "$sz" -lt $((1 << 20)) ] && ok "compressed grains: 16 MiB of a pattern in $sz bytes" || fail "compressed size" "$sz"
 check "qemu-img reads the compressed stream" qemu-img compare -q "$T/z.vmdk" -F raw "$T/z.raw"
 check "vmdkinfo reads the compressed stream" bash -c "vmdkinfo '$T/z.vmdk' | grep -q 'Stream optimized'"
+# without -c: a streamOptimized target is still written as whole compressed
+# grains (each written once), even where zero runs split a grain's data
+"$VDISK" io -f raw -c "write -P 0x63 20M 4k" -c "write -P 0x64 20983808 4k" -c "write -P 0x65 21032960 8k" \
+    "$T/z.raw" >/dev/null
+check "convert to streamOptimized without -c (zero runs inside grains)" \
+    "$VDISK" convert -f raw -O vmdk -o subformat=streamOptimized "$T/z.raw" "$T/z2.vmdk"
+sz=$(stat -c %s "$T/z2.vmdk")
+[ "$sz" -lt $((1 << 20)) ] && ok "without -c: grains compressed ($sz bytes)" || fail "without -c: grains compressed" "$sz"
+check "qemu-img reads the stream written without -c" qemu-img compare -q "$T/z2.vmdk" -F raw "$T/z.raw"
+check "qemu-img check of the stream written without -c" qemu-img check -q "$T/z2.vmdk"
 check "streamOptimized -> qcow2" "$VDISK" convert -O qcow2 "$T/z.vmdk" "$T/z.qcow2"
+"$VDISK" io -f raw -c "write -z 20M 128k" "$T/z.raw" >/dev/null
 check "qcow2 from the stream equals the source" qemu-img compare -q "$T/z.qcow2" -F raw "$T/z.raw"
 # a stream qemu-img made converts too
 qemu-img convert -O vmdk -o subformat=streamOptimized "$T/z.raw" "$T/qz.vmdk"
