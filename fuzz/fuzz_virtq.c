@@ -60,6 +60,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     struct vhu_inflight_queue *inf = calloc(1, vhu_inflight_queue_size(NUM));
     uint16_t heads[NUM];
     virtq_inflight_attach(&q, inf, 0, heads, NUM);
+    /* dirty logging on for half the inputs: a bitmap of 64 pages, the
+     * regions being pages 16 to 47 */
+    static uint8_t bits[8];
+    struct vhu_log log = { .bits = bits, .size = sizeof(bits) };
+    memset(bits, 0, sizeof(bits));
+    if (size & 2) {
+        q.log = &log;
+        q.log_used = true;
+        q.log_used_gpa = GPA0 + 8192;
+    }
     struct iovec iov[64];
     struct virtq_chain c = { .iov = iov, .cap = 64 };
     uint16_t head;
@@ -78,10 +88,16 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             }
         }
         if (c.status) *c.status = 1;
+        if (q.log) {
+            vhu_log_iov(q.log, mt, iov + c.nout, c.niov - c.nout);
+            if (c.status) vhu_log_host(q.log, mt, c.status, 1);
+        }
         virtq_push(&q, head, 0);
         virtq_should_notify(&q);
     }
     virtq_arm(&q);
+    /* only guest pages can be marked, and nothing is dropped */
+    if (bits[0] || bits[1] || bits[6] || bits[7] || log.dropped) abort();
     free(inf);
     return 0;
 }

@@ -25,14 +25,14 @@ static uint64_t offered_features(const struct vd_vhost_blk *b)
                  VHU_BIT(VIRTIO_BLK_F_SIZE_MAX) | VHU_BIT(VIRTIO_BLK_F_SEG_MAX) |
                  VHU_BIT(VIRTIO_BLK_F_BLK_SIZE) | VHU_BIT(VIRTIO_BLK_F_TOPOLOGY) |
                  VHU_BIT(VIRTIO_BLK_F_FLUSH) | VHU_BIT(VIRTIO_BLK_F_CONFIG_WCE) |
-                 VHU_BIT(VIRTIO_BLK_F_MQ);
+                 VHU_BIT(VIRTIO_BLK_F_MQ) | VHU_BIT(VHOST_F_LOG_ALL);
     if (b->o.readonly) f |= VHU_BIT(VIRTIO_BLK_F_RO);
     else f |= VHU_BIT(VIRTIO_BLK_F_DISCARD) | VHU_BIT(VIRTIO_BLK_F_WRITE_ZEROES);
     return f;
 }
 
 static const uint64_t offered_pfeatures =
-    VHU_BIT(VHU_PF_MQ) | VHU_BIT(VHU_PF_REPLY_ACK) | VHU_BIT(VHU_PF_BACKEND_REQ) |
+    VHU_BIT(VHU_PF_MQ) | VHU_BIT(VHU_PF_LOG_SHMFD) | VHU_BIT(VHU_PF_REPLY_ACK) | VHU_BIT(VHU_PF_BACKEND_REQ) |
     VHU_BIT(VHU_PF_CONFIG) | VHU_BIT(VHU_PF_INFLIGHT_SHMFD) |
     VHU_BIT(VHU_PF_RESET_DEVICE) | VHU_BIT(VHU_PF_CONFIGURE_MEM_SLOTS);
 
@@ -83,6 +83,51 @@ static void ring_ptrs(struct vhb_queue *q, const struct vhu_mtab *t, struct vhb_
     s->used = vhu_uva(t, q->addr.used, virtq_used_bytes(q->num));
 }
 
+/* What a queue logs: nothing unless the front-end has VHOST_F_LOG_ALL on
+ * and gave a log; the used ring too when the ring's VHOST_VRING_F_LOG is set. */
+static void queue_log(struct vd_vhost_blk *b, struct vhb_queue *q, struct vhb_start *s)
+{
+    s->log = b->log && (b->features & VHU_BIT(VHOST_F_LOG_ALL)) ? b->log : NULL;
+    s->log_used = s->log && (q->addr.flags & VHU_VRING_F_LOG);
+    s->log_used_gpa = q->addr.log;
+    if (s->log_used && q->num) {
+        uint64_t last = q->addr.log + virtq_used_bytes(q->num) - 1;
+        if (last < q->addr.log || last / VHU_LOG_PAGE / 8 >= s->log->size) {
+            /* the spec wants the whole ring inside the log */
+            fprintf(stderr, "vdisk: vhost-user-blk %s: queue %u: the used ring's log address 0x%llx "
+                    "is past the log's end; its writes cannot be logged\n", b->path, q->index,
+                    (unsigned long long)q->addr.log);
+            s->log_used = false;
+        }
+    }
+}
+
+/* Tell every running queue what to log now. */
+static void update_logs(struct vd_vhost_blk *b)
+{
+    for (unsigned i = 0; i < b->o.num_queues; i++) {
+        struct vhb_queue *q = &b->q[i];
+        if (!q->running) continue;
+        struct vhb_start s = { 0 };
+        queue_log(b, q, &s);
+        vhb_queue_set_log(q, s.log, s.log_used, s.log_used_gpa);
+    }
+}
+
+static int handle_log_base(struct vd_vhost_blk *b, struct vhu_msg *m)
+{
+    struct vhu_log *l, *old = b->log;
+    if (!(b->pfeatures & VHU_BIT(VHU_PF_LOG_SHMFD)) || m->nfds != 1 ||
+        m->hdr.size < sizeof(struct vhu_log_desc))
+        return vd_err(-EINVAL, "SET_LOG_BASE: needs LOG_SHMFD, one fd and the log's size and offset");
+    int rc = vhu_log_map(m->fds[0], m->log.mmap_size, m->log.mmap_offset, &l);
+    if (rc < 0) return rc;
+    b->log = l;
+    update_logs(b);       /* no queue uses the old log after this */
+    vhu_log_free(old);
+    return 0;
+}
+
 static int queue_try_start(struct vd_vhost_blk *b, struct vhb_queue *q)
 {
     struct vhb_start s = { 0 };
@@ -91,6 +136,7 @@ static int queue_try_start(struct vd_vhost_blk *b, struct vhb_queue *q)
     if (!s.desc || !s.avail || !s.used)
         return vd_err(-EFAULT, "queue %u: ring addresses are outside guest memory", q->index);
     s.base = q->base;
+    queue_log(b, q, &s);
     s.event_idx = b->features & VHU_BIT(VIRTIO_RING_F_EVENT_IDX);
     if (b->inflight_map && q->num <= b->inflight_qsize)
         s.inflight = (void *)((char *)b->inflight_map + q->index * vhu_inflight_queue_size(b->inflight_qsize));
@@ -145,6 +191,8 @@ static void connection_reset(struct vd_vhost_blk *b)
     device_reset(b);
     vhu_mtab_unref(b->mt);
     b->mt = NULL;
+    vhu_log_free(b->log);
+    b->log = NULL;
     inflight_unmap(b);
     pthread_mutex_lock(&b->lock);
     if (b->backend_fd >= 0) close(b->backend_fd);
@@ -308,6 +356,7 @@ static int handle_msg(struct vd_vhost_blk *b, struct vhu_msg *m, bool *reply, bo
         }
         b->features = m->u64;
         b->features_acked = true;
+        update_logs(b);       /* VHOST_F_LOG_ALL turns logging on or off */
         return 0;
     case VHU_GET_PROTOCOL_FEATURES:
         m->u64 = offered_pfeatures;
@@ -349,7 +398,18 @@ static int handle_msg(struct vd_vhost_blk *b, struct vhu_msg *m, bool *reply, bo
     case VHU_SET_VRING_ADDR:
         if (m->hdr.size < sizeof(struct vhu_vring_addr) || !(q = msg_queue(b, m->addr.index)))
             return -EINVAL;
-        if (q->running) return vd_err(-EBUSY, "SET_VRING_ADDR: queue %u is running", q->index);
+        if (q->running) {
+            /* While it runs, only logging may change (QEMU turns
+             * VHOST_VRING_F_LOG on and off this way during migration). */
+            if (m->addr.desc != q->addr.desc || m->addr.avail != q->addr.avail ||
+                m->addr.used != q->addr.used)
+                return vd_err(-EBUSY, "SET_VRING_ADDR: queue %u is running", q->index);
+            q->addr = m->addr;
+            struct vhb_start s = { 0 };
+            queue_log(b, q, &s);
+            vhb_queue_set_log(q, s.log, s.log_used, s.log_used_gpa);
+            return 0;
+        }
         q->addr = m->addr;
         q->have_addr = true;
         return 0;
@@ -437,8 +497,16 @@ static int handle_msg(struct vd_vhost_blk *b, struct vhu_msg *m, bool *reply, bo
     case VHU_SET_INFLIGHT_FD:
         return handle_set_inflight(b, m);
     case VHU_SET_LOG_BASE:
+        /* with LOG_SHMFD the front-end waits for a reply (u64 0: done) */
+        rc = handle_log_base(b, m);
+        m->u64 = rc < 0 ? (uint64_t)-rc : 0;
+        m->hdr.size = 8;
+        *reply = true;
+        return rc;
     case VHU_SET_LOG_FD:
-        return -ENOTSUP;    /* not offered: no VHOST_F_LOG_ALL, no LOG_SHMFD */
+        /* The eventfd that would tell the front-end the log changed: it
+         * reads the log when it syncs anyway, so it is not used. */
+        return 0;
     default:
         return vd_err(-ENOTSUP, "unknown request %u", m->hdr.request);
     }

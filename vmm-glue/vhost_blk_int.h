@@ -8,6 +8,7 @@
 #include "vdisk/block.h"
 #include "vdisk/loop.h"
 #include "vmm-glue/vhost_blk.h"
+#include "vmm-glue/vhost_log.h"
 #include "vmm-glue/vhost_mem.h"
 #include "vmm-glue/vhost_proto.h"
 #include "vmm-glue/virtio_blk.h"
@@ -27,6 +28,7 @@ struct vhb_req {
     uint32_t used_len;
     uint64_t t0;               /* submission time (ns), with a stat callback */
     uint16_t head;
+    uint16_t nout, niov;       /* iov[nout, niov): the device-writable buffers */
     bool busy;
     struct iovec iov[VHB_IOV_CAP];
 };
@@ -38,6 +40,9 @@ struct vhb_start {
     uint16_t base;
     bool event_idx;
     struct vhu_inflight_queue *inflight;
+    struct vhu_log *log;       /* dirty log (NULL: off), used ring too when log_used */
+    bool log_used;
+    uint64_t log_used_gpa;
 };
 
 struct vhb_thread {
@@ -85,6 +90,7 @@ struct vd_vhost_blk {
     bool features_acked;
     uint8_t wce;                   /* config writeback: 1 write-back, 0 write-through */
     struct vhu_mtab *mt;
+    struct vhu_log *log;           /* from SET_LOG_BASE; used while LOG_ALL is on */
     void *inflight_map;
     size_t inflight_size;
     unsigned inflight_qsize;
@@ -104,6 +110,9 @@ uint16_t vhb_queue_stop(struct vhb_queue *q);
 void vhb_queue_set_call(struct vhb_queue *q, int fd);
 void vhb_queue_set_err(struct vhb_queue *q, int fd);
 void vhb_queue_set_enabled(struct vhb_queue *q, bool on);
+/* Dirty logging on a running queue: log NULL turns it off. The previous
+ * log is no longer used when this returns. */
+void vhb_queue_set_log(struct vhb_queue *q, struct vhu_log *log, bool used, uint64_t used_gpa);
 /* Switch a running queue to a new memory table (ring pointers
  * re-translated by the caller; NULL ring pointers break the queue). */
 void vhb_queue_set_mem(struct vhb_queue *q, struct vhb_start *s);

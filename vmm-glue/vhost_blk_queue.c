@@ -67,6 +67,10 @@ static void complete(struct vhb_req *r, uint8_t status)
 {
     struct vhb_queue *q = r->q;
     if (r->status) *r->status = status;
+    if (q->vq.log) {          /* migration: mark what the device wrote */
+        vhu_log_iov(q->vq.log, r->mt, r->iov + r->nout, r->niov - r->nout);
+        if (r->status) vhu_log_host(q->vq.log, r->mt, r->status, 1);
+    }
     if (status != VIRTIO_BLK_S_OK) STAT_ADD(q->st_errors, 1);
     virtq_push(&q->vq, r->head, r->used_len);
     vhu_mtab_unref(r->mt);
@@ -158,6 +162,7 @@ static void handle(struct vhb_queue *q, uint16_t head)
     r->mt = vhu_mtab_ref(q->mt);
     r->status = NULL;
     r->used_len = 0;
+    r->nout = r->niov = 0;
     q->inflight++;
     STAT_ADD(q->st_requests, 1);
 
@@ -165,6 +170,8 @@ static void handle(struct vhb_queue *q, uint16_t head)
     c.cap = VHB_IOV_CAP;
     int bad = virtq_map_chain(&q->vq, head, &c);
     r->status = bad < 0 && c.status ? c.status : take_status(r, &c);
+    r->nout = c.nout;
+    r->niov = c.niov;
     if (r->status) r->used_len = 1;
     if (bad < 0 || !r->status || c.out_len < sizeof(h)) {
         complete(r, VIRTIO_BLK_S_IOERR);
@@ -303,6 +310,9 @@ static void do_start(struct call *c)
         c->rc = vd_err(-EIO, "queue %u: inflight region is inconsistent", q->index);
         goto fail;
     }
+    q->vq.log = s->log;
+    q->vq.log_used = s->log_used;
+    q->vq.log_used_gpa = s->log_used_gpa;
     q->mt = s->mt;
     s->mt = NULL;
     q->inflight = 0;
@@ -401,6 +411,20 @@ static void do_set_enabled(struct call *c)
 void vhb_queue_set_enabled(struct vhb_queue *q, bool on)
 {
     run_on_queue(q, do_set_enabled, NULL, on);
+}
+
+static void do_set_log(struct call *c)
+{
+    struct vhb_start *s = c->arg;
+    c->q->vq.log = s->log;
+    c->q->vq.log_used = s->log_used;
+    c->q->vq.log_used_gpa = s->log_used_gpa;
+}
+
+void vhb_queue_set_log(struct vhb_queue *q, struct vhu_log *log, bool used, uint64_t used_gpa)
+{
+    struct vhb_start s = { .log = log, .log_used = used, .log_used_gpa = used_gpa };
+    run_on_queue(q, do_set_log, &s, 0);
 }
 
 static void do_set_mem(struct call *c)

@@ -16,6 +16,7 @@
 #include <sys/un.h>
 #include "vdisk/error.h"
 #include "vmm-glue/vhost_front.h"
+#include "vmm-glue/vhost_log.h"
 #include "vmm-glue/vhost_proto.h"
 #include "vmm-glue/virtio_blk.h"
 #include "vmm-glue/virtq.h"
@@ -64,6 +65,11 @@ struct vd_vhu {
     int inflight_fd;
     uint64_t inflight_size;
     int backend_fd;                      /* our end of the back-end's channel */
+    uint64_t offered;                    /* the back-end's features */
+    bool log_on;
+    int log_fd;
+    uint8_t *log;
+    size_t log_size;
     struct fq q[VHU_MAX_FDS * 8];
 };
 
@@ -217,6 +223,76 @@ static int send_inflight(struct vd_vhu *f)
     return xfer(f, &m, false);
 }
 
+/* ---- dirty logging ---- */
+
+static int send_log_base(struct vd_vhu *f)
+{
+    struct vhu_msg m = { .hdr = { VHU_SET_LOG_BASE, 0, sizeof(struct vhu_log_desc) } };
+    m.log.mmap_size = f->log_size;
+    m.log.mmap_offset = 0;
+    m.fds[0] = f->log_fd;
+    m.nfds = 1;
+    /* With LOG_SHMFD the back-end replies once it has mapped the log. The
+     * payload means nothing (libvhost-user echoes the size back). */
+    int rc = xfer(f, &m, true);
+    vhu_msg_close_fds(&m);
+    return rc;
+}
+
+static int map_memfd(const char *name, size_t size, int *fd, uint8_t **p);
+
+int vd_vhu_log_enable(struct vd_vhu *f, bool on)
+{
+    int rc;
+    if (on && (!(f->offered & VHU_BIT(VHOST_F_LOG_ALL)) || !(f->pfeatures & VHU_BIT(VHU_PF_LOG_SHMFD))))
+        return vd_err(-ENOTSUP, "%s: the back-end offers no dirty logging", f->path);
+    if (on && !f->log) {
+        uint64_t top = 0;
+        for (int i = 0; i < f->nregions; i++)
+            if (f->gpa[i] + f->memsize[i] > top) top = f->gpa[i] + f->memsize[i];
+        f->log_size = (top / 4096 + 7) / 8;
+        if ((rc = map_memfd("vdisk-vhu-log", f->log_size, &f->log_fd, &f->log)) < 0) return rc;
+    }
+    if (on && (rc = send_log_base(f)) < 0) return rc;
+    f->log_on = on;
+    uint64_t set = on ? f->features | VHU_BIT(VHOST_F_LOG_ALL) : f->features;
+    if ((rc = simple(f, VHU_SET_FEATURES, &set, false)) < 0) return rc;
+    for (unsigned i = 0; i < f->o.num_queues; i++) {
+        struct fq *q = &f->q[i];
+        struct vhu_msg m = { .hdr = { VHU_SET_VRING_ADDR, 0, sizeof(struct vhu_vring_addr) } };
+        m.addr.index = i;
+        m.addr.desc = (uintptr_t)q->desc;
+        m.addr.avail = (uintptr_t)q->avail;
+        m.addr.used = (uintptr_t)q->used;
+        m.addr.flags = on ? VHU_VRING_F_LOG : 0;
+        m.addr.log = f->gpa[0] + q->used_u;
+        if ((rc = xfer(f, &m, false)) < 0) return rc;
+    }
+    return 0;
+}
+
+uint8_t *vd_vhu_log_bits(const struct vd_vhu *f, size_t *size)
+{
+    if (size) *size = f->log_size;
+    return f->log;
+}
+
+uint64_t vd_vhu_gpa(const struct vd_vhu *f, const void *p)
+{
+    bool ok;
+    uint64_t g = gpa_of(f, p, 1, &ok);
+    return ok ? g : UINT64_MAX;
+}
+
+void vd_vhu_queue_layout(const struct vd_vhu *f, unsigned qi, struct vd_vhu_qlayout *l)
+{
+    const struct fq *q = &f->q[qi];
+    l->used = f->gpa[0] + q->used_u;
+    l->used_len = virtq_used_bytes(q->num);
+    l->slots = vd_vhu_gpa(f, q->slots);
+    l->slots_len = (uint64_t)q->num * SLOT_BYTES;
+}
+
 static int start_queue(struct vd_vhu *f, unsigned i)
 {
     struct fq *q = &f->q[i];
@@ -226,6 +302,10 @@ static int start_queue(struct vd_vhu *f, unsigned i)
     m.addr.desc = (uintptr_t)q->desc;
     m.addr.avail = (uintptr_t)q->avail;
     m.addr.used = (uintptr_t)q->used;
+    if (f->log_on) {
+        m.addr.flags = VHU_VRING_F_LOG;
+        m.addr.log = f->gpa[0] + q->used_u;
+    }
     /* Restart where the back-end must: everything not yet returned is
      * either in its inflight region or still to be taken from avail. */
     uint16_t base = __atomic_load_n(&q->used->idx, __ATOMIC_ACQUIRE);
@@ -260,10 +340,12 @@ static int negotiate(struct vd_vhu *f)
     uint64_t feat = 0, pf = 0, nq = 0;
     int rc;
     if ((rc = simple(f, VHU_GET_FEATURES, &feat, true)) < 0) return rc;
+    f->offered = feat;
     if (!(feat & VHU_BIT(VIRTIO_F_VERSION_1)) || !(feat & VHU_BIT(VHOST_USER_F_PROTOCOL_FEATURES)))
         return vd_err(-ENOTSUP, "%s: back-end lacks VERSION_1 or protocol features", f->path);
     if ((rc = simple(f, VHU_GET_PROTOCOL_FEATURES, &pf, true)) < 0) return rc;
     uint64_t want_pf = VHU_BIT(VHU_PF_MQ) | VHU_BIT(VHU_PF_REPLY_ACK) | VHU_BIT(VHU_PF_CONFIG) |
+                       VHU_BIT(VHU_PF_LOG_SHMFD) |
                        VHU_BIT(VHU_PF_CONFIGURE_MEM_SLOTS) | VHU_BIT(VHU_PF_BACKEND_REQ);
     if (!f->o.no_inflight) want_pf |= VHU_BIT(VHU_PF_INFLIGHT_SHMFD);
     pf &= want_pf;
@@ -301,13 +383,17 @@ static int negotiate(struct vd_vhu *f)
     feat &= want;
     if (f->features && feat != f->features)
         return vd_err(-EPROTO, "%s: the back-end's features changed across a reconnect", f->path);
-    if ((rc = simple(f, VHU_SET_FEATURES, &feat, false)) < 0) return rc;
+    if (f->log_on && (!(f->offered & VHU_BIT(VHOST_F_LOG_ALL)) || !(pf & VHU_BIT(VHU_PF_LOG_SHMFD))))
+        return vd_err(-ENOTSUP, "%s: dirty logging is on but the back-end cannot log", f->path);
+    uint64_t set = f->log_on ? feat | VHU_BIT(VHOST_F_LOG_ALL) : feat;
+    if ((rc = simple(f, VHU_SET_FEATURES, &set, false)) < 0) return rc;
     f->features = feat;
     f->event_idx = feat & VHU_BIT(VIRTIO_RING_F_EVENT_IDX);
     f->indirect = feat & VHU_BIT(VIRTIO_RING_F_INDIRECT_DESC);
     if ((rc = get_config(f)) < 0) return rc;
     if ((rc = send_memory(f)) < 0) return rc;
     if ((rc = send_inflight(f)) < 0) return rc;
+    if (f->log_on && (rc = send_log_base(f)) < 0) return rc;
     for (unsigned i = 0; i < f->o.num_queues; i++)
         if ((rc = start_queue(f, i)) < 0) return rc;
     return 0;
@@ -340,7 +426,7 @@ int vd_vhu_connect(const char *path, const struct vd_vhu_opts *o_in, struct vd_v
     struct vd_vhu *f = calloc(1, sizeof(*f));
     if (!f) return -ENOMEM;
     f->o = o;
-    f->sock = f->inflight_fd = f->backend_fd = -1;
+    f->sock = f->inflight_fd = f->backend_fd = f->log_fd = -1;
     f->memfd[0] = f->memfd[1] = -1;
     f->path = strdup(path);
     int rc = f->path ? 0 : -ENOMEM;
@@ -413,6 +499,8 @@ void vd_vhu_close(struct vd_vhu *f)
     }
     if (f->inflight_fd >= 0) close(f->inflight_fd);
     if (f->backend_fd >= 0) close(f->backend_fd);
+    if (f->log) munmap(f->log, f->log_size);
+    if (f->log_fd >= 0) close(f->log_fd);
     free(f->path);
     free(f);
 }

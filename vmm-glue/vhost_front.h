@@ -73,6 +73,23 @@ int  vd_vhu_sock_fd(const struct vd_vhu *f);
 /* Arm interrupts for q (before sleeping on its call fd): true when
  * completions are already there. */
 bool vd_vhu_arm(struct vd_vhu *f, unsigned q);
+/* Dirty logging, the part of live migration a VMM plays: share a bitmap
+ * covering the memory (one bit per 4 KiB page of guest-physical address,
+ * bit n in byte n / 8) and turn VHOST_F_LOG_ALL and every ring's
+ * VHOST_VRING_F_LOG on or off. -ENOTSUP when the back-end lacks
+ * VHOST_F_LOG_ALL or the LOG_SHMFD protocol feature. Kept across
+ * reconnects. */
+int  vd_vhu_log_enable(struct vd_vhu *f, bool on);
+/* The bitmap (NULL before the first vd_vhu_log_enable) and its size. */
+uint8_t *vd_vhu_log_bits(const struct vd_vhu *f, size_t *size);
+/* Guest-physical address of p, which must lie in the shared memory
+ * (UINT64_MAX otherwise). */
+uint64_t vd_vhu_gpa(const struct vd_vhu *f, const void *p);
+/* Where queue q's parts lie in guest-physical memory: its used ring (which
+ * the back-end writes) and the per-request area holding the status bytes
+ * (which it writes too), for checking a dirty log. */
+struct vd_vhu_qlayout { uint64_t used, used_len, slots, slots_len; };
+void vd_vhu_queue_layout(const struct vd_vhu *f, unsigned q, struct vd_vhu_qlayout *l);
 /* Connect again (retrying up to timeout_ms) and restore the queues, keeping
  * the requests in flight: with inflight tracking the back-end resubmits
  * them. */

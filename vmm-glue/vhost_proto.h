@@ -70,6 +70,7 @@ enum {
 #define VIRTIO_BLK_F_MQ            12
 #define VIRTIO_BLK_F_DISCARD       13
 #define VIRTIO_BLK_F_WRITE_ZEROES  14
+#define VHOST_F_LOG_ALL            26
 #define VIRTIO_RING_F_INDIRECT_DESC 28
 #define VIRTIO_RING_F_EVENT_IDX    29
 #define VHOST_USER_F_PROTOCOL_FEATURES 30
@@ -111,6 +112,9 @@ struct vhu_config {
     uint32_t offset, size, flags;
     uint8_t data[VHU_CONFIG_MAX];
 };
+struct vhu_log_desc {
+    uint64_t mmap_size, mmap_offset;
+};
 struct vhu_inflight {
     uint64_t mmap_size, mmap_offset;
     uint16_t num_queues, queue_size;
@@ -127,6 +131,7 @@ struct vhu_msg {
         struct vhu_mem_single mreg;
         struct vhu_config config;
         struct vhu_inflight inflight;
+        struct vhu_log_desc log;
         uint8_t raw[VHU_MAX_PAYLOAD];
     };
     int fds[VHU_MAX_FDS];

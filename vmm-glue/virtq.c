@@ -5,6 +5,7 @@
  * then reading what the driver asked for). */
 #include <errno.h>
 #include <stdlib.h>
+#include <stddef.h>
 #include <string.h>
 #include "vmm-glue/virtq.h"
 
@@ -120,11 +121,17 @@ void virtq_push(struct virtq *q, uint16_t head, uint32_t len)
         r->desc[head].next = r->last_batch_head;
         r->last_batch_head = head;
     }
-    struct virtq_used_elem *e = &q->used->ring[q->used_idx % q->num];
+    unsigned slot = q->used_idx % q->num;
+    struct virtq_used_elem *e = &q->used->ring[slot];
     e->id = head;
     e->len = len;
     q->used_idx++;
+    bool log = q->log && q->log_used;
+    if (log)        /* the element is marked before the index publishes it */
+        vhu_log_mark(q->log, q->log_used_gpa + offsetof(struct virtq_used, ring) + 8ull * slot, 8);
     STORE16(&q->used->idx, q->used_idx);
+    if (log)
+        vhu_log_mark(q->log, q->log_used_gpa + offsetof(struct virtq_used, idx), 2);
     if (r) {
         __atomic_store_n(&r->desc[head].inflight, 0, __ATOMIC_RELEASE);
         __atomic_store_n(&r->used_idx, q->used_idx, __ATOMIC_RELEASE);
@@ -149,7 +156,11 @@ bool virtq_should_notify(struct virtq *q)
 bool virtq_arm(struct virtq *q)
 {
     if (q->broken) return false;
-    if (q->event_idx) STORE16(avail_event(q), q->last_avail);
+    if (q->event_idx) {
+        STORE16(avail_event(q), q->last_avail);
+        if (q->log && q->log_used)      /* avail_event is in the used ring too */
+            vhu_log_mark(q->log, q->log_used_gpa + offsetof(struct virtq_used, ring) + 8ull * q->num, 2);
+    }
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     return LOAD16(&q->avail->idx) != q->last_avail;
 }

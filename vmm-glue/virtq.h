@@ -10,6 +10,7 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
+#include "vmm-glue/vhost_log.h"
 #include "vmm-glue/vhost_mem.h"
 
 #define VIRTQ_DESC_F_NEXT     1
@@ -42,6 +43,12 @@ struct virtq {
     bool signalled_used_valid;
     struct vhu_inflight_queue *inflight;   /* NULL: no tracking */
     uint64_t inflight_counter;
+    /* dirty logging (set after virtq_init): log is non-NULL while the
+     * front-end has VHOST_F_LOG_ALL on; used-ring writes are logged too
+     * when log_used (VHOST_VRING_F_LOG), at log_used_gpa + their offset */
+    struct vhu_log *log;
+    bool log_used;
+    uint64_t log_used_gpa;
 };
 
 /* A mapped chain: device-readable segments [0, nout), then device-writable
@@ -67,7 +74,8 @@ int  virtq_pop(struct virtq *q, uint16_t *head);
  * holds the segments mapped before the fault (directions still ordered),
  * and c->status where the driver's status byte could still be found. */
 int  virtq_map_chain(const struct virtq *q, uint16_t head, struct virtq_chain *c);
-/* Return head to the driver with len bytes written. */
+/* Return head to the driver with len bytes written (logged, with the used
+ * index, when the used ring is logged). */
 void virtq_push(struct virtq *q, uint16_t head, uint32_t len);
 /* After pushes: whether the driver wants an interrupt now. */
 bool virtq_should_notify(struct virtq *q);

@@ -57,7 +57,8 @@ static int write_ent(struct q2_cache *c, struct q2_cache_ent *e)
     int r;
     if (c->pre_write && (r = c->pre_write(c->s)) < 0)
         return r;
-    if (c->dsync)
+    bool durable = c->dsync || e->fresh;
+    if (durable)
         r = vd_q2_pwrite_durable(c->s, e->buf, c->tsize, e->off);
     else
         r = vd_file_pwrite(c->s->f, e->buf, c->tsize, e->off);
@@ -65,7 +66,8 @@ static int write_ent(struct q2_cache *c, struct q2_cache_ent *e)
         return vd_err(r, "%s: writing %s at offset 0x%llx failed", c->s->fname, c->what,
                       (unsigned long long)e->off);
     e->dirty = false;
-    if (!c->dsync)
+    e->fresh = false;
+    if (!durable)
         c->wrote = true;
     return 0;
 }
@@ -108,6 +110,7 @@ int vd_q2_cache_get(struct q2_cache *c, uint64_t off, bool load, uint8_t **buf)
         }
         e->off = 0;
         e->dirty = false;
+        e->fresh = false;
         if (load) {
             int r = vd_file_pread(c->s->f, e->buf, c->tsize, off);
             if (r < 0)
@@ -132,6 +135,12 @@ void vd_q2_cache_dirty(struct q2_cache *c, const uint8_t *buf)
     c->e[i].dirty = true;
 }
 
+void vd_q2_cache_fresh(struct q2_cache *c, const uint8_t *buf)
+{
+    size_t i = (size_t)(buf - c->e[0].buf) / c->tsize;
+    c->e[i].fresh = true;
+}
+
 /* Write dirty tables in offset order (kinder to the disk). */
 int vd_q2_cache_flush(struct q2_cache *c)
 {
@@ -154,6 +163,7 @@ void vd_q2_cache_drop(struct q2_cache *c, uint64_t off)
     if (i >= 0) {
         c->e[i].off = 0;
         c->e[i].dirty = false;
+        c->e[i].fresh = false;
         c->e[i].lru = 0;
     }
 }

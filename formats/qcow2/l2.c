@@ -2,10 +2,13 @@
  * clusters for writes (alloc + commit), discard, write-zeroes, and the
  * ordered flush of metadata.
  *
- * Ordering on disk: refcount blocks, then (synced) L2 tables, then
- * (synced) the L1 table; frees are applied only after that (see
+ * Ordering on disk: refcount blocks, then L2 tables, then the L1 table;
+ * frees are applied only after a sync that follows all three (see
  * refcount.c). Nothing here writes an L1 entry before the L2 table it
- * points to is on disk. */
+ * points to is on disk: a new table's first write is durable by itself
+ * (RWF_DSYNC), so linking it needs no sync of the whole file, which would
+ * wait, under the layer lock, for the write-back of all data written since
+ * the last flush. */
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -65,6 +68,7 @@ int vd_q2_l2_table(struct q2 *s, uint64_t l1i, bool create, uint8_t **tbl)
         if ((r = vd_q2_cache_get(&s->l2c, off, false, tbl)) < 0)
             return r;
         vd_q2_cache_dirty(&s->l2c, *tbl);
+        vd_q2_cache_fresh(&s->l2c, *tbl);
         s->l1[l1i] = off | Q2_COPIED;
         l1_dirty(s, l1i);
         return 0;
@@ -583,7 +587,10 @@ int vd_q2_flush_all(struct q2 *s)
     if (l1 || s->npf) {
         if ((r = vd_q2_l2_pre_write(s)) < 0)
             return r;
-        if (s->l2c.wrote && (r = sync_all(s)) < 0)
+        /* New L2 tables were written durably (fresh); other tables
+         * written since the last sync must be on disk before the frees
+         * of what they stopped referencing are applied. */
+        if (s->l2c.wrote && s->npf && (r = sync_all(s)) < 0)
             return r;
         if ((r = vd_q2_write_l1(s)) < 0)
             return r;

@@ -58,6 +58,9 @@ struct q2_cache_ent {
     uint64_t off;       /* host offset; 0 = empty slot */
     uint64_t lru;
     bool dirty;
+    bool fresh;         /* a new table no L1 entry on disk points to yet:
+                           its first write is durable (RWF_DSYNC), so the
+                           L1 entry may follow without a sync of the file */
     uint8_t *buf;
 };
 struct q2_cache {
@@ -203,6 +206,7 @@ void vd_q2_cache_fini(struct q2_cache *c);
 /* The table at host offset off; load = false: a new zero-filled table. */
 int  vd_q2_cache_get(struct q2_cache *c, uint64_t off, bool load, uint8_t **buf);
 void vd_q2_cache_dirty(struct q2_cache *c, const uint8_t *buf);
+void vd_q2_cache_fresh(struct q2_cache *c, const uint8_t *buf);
 int  vd_q2_cache_flush(struct q2_cache *c);
 void vd_q2_cache_drop(struct q2_cache *c, uint64_t off);
 /* Put an already-written table in the cache (clean). */

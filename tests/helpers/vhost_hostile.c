@@ -15,6 +15,7 @@
 #include <sys/mman.h>
 #include <sys/socket.h>
 #include <sys/un.h>
+#include "vmm-glue/vhost_log.h"
 #include "vmm-glue/vhost_proto.h"
 #include "vmm-glue/virtio_blk.h"
 #include "vmm-glue/virtq.h"
@@ -25,6 +26,7 @@
 #define NQ    2
 
 static int sock, memfd, kick[NQ], call[NQ], tests, failed;
+static uint64_t f;                /* the features set */
 static uint8_t *mem;
 static struct virtq_desc *desc[NQ];
 static struct virtq_avail *avail[NQ];
@@ -87,12 +89,13 @@ static int setup(const char *path)
     sock = connect_to(path);
     if (sock < 0) return -1;
     if (msg(VHU_GET_FEATURES, NULL, 0, NULL, 0, true, &r) < 0) return -1;
-    uint64_t pf = VHU_BIT(VHU_PF_REPLY_ACK) | VHU_BIT(VHU_PF_MQ) | VHU_BIT(VHU_PF_CONFIG);
+    uint64_t pf = VHU_BIT(VHU_PF_REPLY_ACK) | VHU_BIT(VHU_PF_MQ) | VHU_BIT(VHU_PF_CONFIG) |
+                  VHU_BIT(VHU_PF_LOG_SHMFD);
     struct vhu_msg m = { .hdr = { VHU_SET_PROTOCOL_FEATURES, VHU_VERSION, 8 } };
     m.u64 = pf;
     if (vhu_msg_send(sock, &m) < 0) return -1;      /* no ack before it is negotiated */
     if (u64msg(VHU_SET_OWNER, 0) && 0) return -1;
-    uint64_t f = VHU_BIT(VIRTIO_F_VERSION_1) | VHU_BIT(VHOST_USER_F_PROTOCOL_FEATURES) |
+    f = VHU_BIT(VIRTIO_F_VERSION_1) | VHU_BIT(VHOST_USER_F_PROTOCOL_FEATURES) |
                  VHU_BIT(VIRTIO_RING_F_INDIRECT_DESC) | VHU_BIT(VIRTIO_BLK_F_DISCARD) |
                  VHU_BIT(VIRTIO_BLK_F_FLUSH);
     if (u64msg(VHU_SET_FEATURES, f)) return -1;
@@ -307,6 +310,37 @@ int main(int argc, char **argv)
     msg(VHU_GET_CONFIG, &c, 12 + 8, NULL, 0, true, &cfg);
     result(cfg.hdr.size == 0, "GET_CONFIG past the config space: empty reply");
     result(good_read(0, 16) == VIRTIO_BLK_S_OK, "queue 0 still works after refused messages");
+
+    /* dirty logging with bad parameters: refused, or nothing written
+     * outside the log */
+    int lfd = memfd_create("log", 0);
+    if (ftruncate(lfd, 8192) < 0) return 1;
+    uint8_t *lm = mmap(NULL, 8192, PROT_READ | PROT_WRITE, MAP_SHARED, lfd, 0);
+    memset(lm, 0x5a, 8192);
+    struct vhu_log_desc ld = { 1 << 20, 0 };
+    result(msg(VHU_SET_LOG_BASE, &ld, sizeof(ld), &lfd, 1, false, NULL) > 0, "SET_LOG_BASE past the end of its fd: refused");
+    ld = (struct vhu_log_desc){ 16, UINT64_MAX - 8 };
+    result(msg(VHU_SET_LOG_BASE, &ld, sizeof(ld), &lfd, 1, false, NULL) > 0, "SET_LOG_BASE at an offset that wraps: refused");
+    ld = (struct vhu_log_desc){ 1, 100 };
+    result(msg(VHU_SET_LOG_BASE, &ld, sizeof(ld), NULL, 0, false, NULL) > 0, "SET_LOG_BASE without an fd: refused");
+    result(msg(VHU_SET_LOG_BASE, &ld, 4, &lfd, 1, false, NULL) > 0, "SET_LOG_BASE with a short payload: refused");
+    /* a log of one byte (pages below 0x8000): every guest page is past it */
+    result(msg(VHU_SET_LOG_BASE, &ld, sizeof(ld), &lfd, 1, false, NULL) == 0, "SET_LOG_BASE of 1 byte at offset 100");
+    result(u64msg(VHU_SET_FEATURES, f | VHU_BIT(VHOST_F_LOG_ALL)) == 0, "SET_FEATURES with VHOST_F_LOG_ALL while running");
+    struct vhu_vring_addr la = { 0, VHU_VRING_F_LOG, (uintptr_t)desc[0], (uintptr_t)used[0], (uintptr_t)avail[0],
+                                 UINT64_MAX - 100 };
+    result(msg(VHU_SET_VRING_ADDR, &la, sizeof(la), NULL, 0, false, NULL) == 0,
+           "SET_VRING_ADDR turning on used-ring logging at a wrapping address");
+    la.used += 0x100;
+    result(msg(VHU_SET_VRING_ADDR, &la, sizeof(la), NULL, 0, false, NULL) > 0,
+           "SET_VRING_ADDR moving a running ring: refused");
+    result(good_read(0, 24) == VIRTIO_BLK_S_OK, "a read with logging past the log's end");
+    bool lclean = true;
+    for (int i = 0; i < 8192; i++) lclean &= lm[i] == 0x5a;
+    result(lclean, "nothing written to the log file outside its byte");
+    result(u64msg(VHU_SET_FEATURES, f) == 0 && good_read(0, 32) == VIRTIO_BLK_S_OK, "logging off again");
+    munmap(lm, 8192);
+    close(lfd);
 
     /* garbage on the socket drops this front-end; a new one is served */
     uint8_t junk[64];

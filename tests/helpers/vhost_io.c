@@ -2,9 +2,13 @@
  * a VM: pattern write/verify, random or sequential I/O at a queue depth
  * over N queues, and a functional check of every request type.
  *   vhost_io [options] SOCKET
- *   --mode fill|verify|check|randread|randwrite|seqread|seqwrite|resize-wait   (default check)
+ *   --mode fill|verify|check|randread|randwrite|seqread|seqwrite|resize-wait|dirty-log   (default check)
  *          resize-wait: print the capacity, wait (--runtime) for a config change
  *          from the back-end, print the new capacity, read its last 4 KiB
+ *          dirty-log: with dirty logging on, fill then verify --size, checking
+ *          after each that exactly the pages the back-end wrote are marked
+ *          (read buffers, status bytes, used rings); then with it off, that
+ *          a verify marks nothing
  *   --queues N  --qd N (per queue)  --bs SIZE  --size SIZE (of the device used)
  *   --runtime SEC (random/seq modes)  --seed N (pattern)  --json
  *   --no-indirect --no-event-idx --no-inflight --split-memory
@@ -32,7 +36,8 @@
 
 #define ADD(v, n) __atomic_add_fetch(&(v), (n), __ATOMIC_RELAXED)
 
-enum mode { M_FILL, M_VERIFY, M_CHECK, M_RANDREAD, M_RANDWRITE, M_SEQREAD, M_SEQWRITE, M_RESIZE };
+enum mode { M_FILL, M_VERIFY, M_CHECK, M_RANDREAD, M_RANDWRITE, M_SEQREAD, M_SEQWRITE, M_RESIZE,
+            M_DIRTY };
 
 static struct {
     enum mode mode;
@@ -105,7 +110,7 @@ static uint64_t xorshift(void)
 /* Next request of the job, false when the job has issued everything. */
 static bool next_req(struct slot *s)
 {
-    bool timed = cfg.mode >= M_RANDREAD;
+    bool timed = cfg.mode >= M_RANDREAD && cfg.mode <= M_SEQWRITE;
     if (timed && now() >= deadline) return false;
     s->len = cfg.bs;
     switch (cfg.mode) {
@@ -340,6 +345,60 @@ static int do_resize_wait(void)
     return 0;
 }
 
+/* ---- dirty log ---- */
+
+static bool in_range(uint64_t page, uint64_t gpa, uint64_t len)
+{
+    return len && page >= gpa / 4096 && page <= (gpa + len - 1) / 4096;
+}
+
+/* Check the log after a job: the pages of every slot buffer are set when
+ * reads filled them (data_set) and clear otherwise; each used ring's first
+ * page is set; status areas may be set; nothing else is. Clears the log. */
+static int check_log(const char *what, bool data_set, bool any)
+{
+    size_t size;
+    uint8_t *bits = vd_vhu_log_bits(f, &size);
+    uint64_t nslots = (uint64_t)cfg.queues * cfg.qd, bad = 0, set = 0;
+    struct vd_vhu_qlayout ql[64];
+    for (unsigned q = 0; q < cfg.queues; q++) vd_vhu_queue_layout(f, q, &ql[q]);
+    uint64_t b0 = vd_vhu_gpa(f, slots[0].buf), blen = nslots * cfg.bs;
+    for (uint64_t page = 0; page < size * 8; page++) {
+        bool on = bits[page / 8] & (1u << (page % 8)), want = false, may = false;
+        if (in_range(page, b0, blen)) want = data_set;
+        for (unsigned q = 0; q < cfg.queues; q++) {
+            if (page == ql[q].used / 4096) want = any;
+            else if (in_range(page, ql[q].used, ql[q].used_len) || in_range(page, ql[q].slots, ql[q].slots_len))
+                may = any;
+        }
+        set += on;
+        if (on != want && !(on && may)) {
+            if (++bad <= 5)
+                fprintf(stderr, "vhost_io: dirty log after %s: page at 0x%" PRIx64 " is %s\n", what,
+                        page * 4096, on ? "marked" : "not marked");
+        }
+    }
+    memset(bits, 0, size);
+    printf("dirty-log %s: %" PRIu64 " pages marked, %" PRIu64 " wrong\n", what, set, bad);
+    if (bad) mismatches++;
+    return bad ? -1 : 0;
+}
+
+static int do_dirty_log(void)
+{
+    int rc = vd_vhu_log_enable(f, true);
+    if (rc < 0) { fprintf(stderr, "vhost_io: %s\n", vd_errmsg(rc)); return rc; }
+    cfg.mode = M_FILL; cursor = 0; end = cfg.size;
+    if ((rc = run_job()) < 0) return rc;
+    rc = check_log("writes", false, true);
+    cfg.mode = M_VERIFY; cursor = 0; end = cfg.size;
+    if (run_job() < 0 || check_log("reads", true, true) < 0) rc = -1;
+    if ((rc |= vd_vhu_log_enable(f, false)) < 0) return rc;
+    cursor = 0;
+    if (run_job() < 0 || check_log("reads, logging off", false, false) < 0) rc = -1;
+    return rc;
+}
+
 static int write_expect(const char *path)
 {
     uint64_t cap = vd_vhu_capacity(f);
@@ -370,7 +429,7 @@ int main(int argc, char **argv)
         { "no-indirect", 0, 0, 'I' }, { "no-event-idx", 0, 0, 'E' }, { "no-inflight", 0, 0, 'F' },
         { "split-memory", 0, 0, 'M' }, { "reconnect", 1, 0, 'r' }, { "expect", 1, 0, 'x' },
         { "queue-size", 1, 0, 'Q' }, { "rate", 1, 0, 'R' }, { "threads", 0, 0, 'T' }, { 0 } };
-    static const char *modes[] = { "fill", "verify", "check", "randread", "randwrite", "seqread", "seqwrite", "resize-wait" };
+    static const char *modes[] = { "fill", "verify", "check", "randread", "randwrite", "seqread", "seqwrite", "resize-wait", "dirty-log" };
     int c;
     while ((c = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (c) {
@@ -428,6 +487,7 @@ int main(int argc, char **argv)
     end = cfg.size;
     if (cfg.mode == M_CHECK) rc = do_check();
     else if (cfg.mode == M_RESIZE) rc = do_resize_wait();
+    else if (cfg.mode == M_DIRTY) rc = do_dirty_log();
     else rc = run_job();
     double el = now() - t0;
     if (rc == 0 && cfg.expect) rc = write_expect(cfg.expect);

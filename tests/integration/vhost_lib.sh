@@ -47,6 +47,12 @@ check "vdisk: verify what 4 queues wrote, buffers in a second memory region" \
 check "vdisk: small queue, deep chains" \
     "$IO" --mode verify --queues 1 --qd 40 --bs 1M --size 16M --seed 12 --no-indirect --queue-size 128 "$T/a.sock"
 
+# dirty logging (live migration): exactly the pages the back-end wrote are marked
+check "vdisk: dirty log marks read buffers, status bytes, used rings, nothing else" \
+    "$IO" --mode dirty-log --queues 2 --qd 8 --bs 16K --size 8M --seed 16 "$T/a.sock"
+check "vdisk: dirty log with two memory regions, no indirect descriptors" \
+    "$IO" --mode dirty-log --queues 1 --qd 4 --bs 4K --size 1M --seed 16 --split-memory --no-indirect "$T/a.sock"
+
 # a front-end killed with requests in flight: the export keeps serving
 "$IO" --mode fill --queues 2 --qd 32 --bs 4K --seed 13 "$T/a.sock" > /dev/null 2>&1 &
 io=$!; sleep 0.3; kill -9 $io 2>/dev/null; wait $io 2>/dev/null
@@ -103,6 +109,8 @@ if command -v qemu-storage-daemon > /dev/null; then
     for _ in $(seq 100); do [ -S "$T/q.sock" ] && break; sleep 0.05; done
     check "qemu-storage-daemon: all request types, 2 queues, data verified" \
         "$IO" --queues 2 --qd 8 --bs 64K --seed 21 --expect "$T/q.expect" "$T/q.sock"
+    check "qemu-storage-daemon: dirty log marks the same pages" \
+        "$IO" --mode dirty-log --queues 2 --qd 8 --bs 16K --size 8M --seed 21 "$T/q.sock"
     check "qemu-storage-daemon: no indirect, two memory regions" \
         "$IO" --mode verify --queues 2 --qd 16 --bs 16K --seed 21 --size 16M --no-indirect --split-memory "$T/q.sock"
     stop_pid "$T/q.pid"
