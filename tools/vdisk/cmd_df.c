@@ -228,7 +228,10 @@ static int run(int argc, char **argv)
 static const struct vd_cli_cmd cmd = {
     "df", "[--output=human|json] DIR",
     "List the images in a folder: virtual size, allocated space, provisioning,\n"
-    "and whether thin disks could outgrow the file system's free space.",
+    "and whether thin disks could outgrow the file system's free space.\n"
+    "Formats are recognised by content; a file no format claims is listed as\n"
+    "raw only when it is named *.raw or *.img (a listing only: the other\n"
+    "commands still need -f raw to open it).",
     run,
 };
 VD_CLI_COMMAND(cmd)
