@@ -122,7 +122,7 @@ int vd_export_add_opts(struct vd_opts *o, struct vd_export **out)
     if ((r = vd_opts_get_bool(&e->opts, "readonly", &oo.readonly)) < 0)
         goto fail;
     if ((s = vd_opts_get(&e->opts, "cache")) && (r = vd_cache_parse(s, &oo.cache)) < 0) {
-        r = vd_err(r, "cache=%s: expected none or writeback", s);
+        r = vd_err(r, "cache=%s: expected writeback, none, writethrough, directsync or unsafe", s);
         goto fail;
     }
     if ((s = vd_opts_get(&e->opts, "aio")) && (r = vd_aio_parse(s, &oo.aio)) < 0) {

@@ -13,6 +13,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/epoll.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
@@ -99,6 +100,8 @@ struct conn {
     bool draining;              /* export removal / shutdown: serve what the client
                                  * has already sent, send every reply, then close */
     uint64_t drain_timer;       /* bounds the drain for a client that stops reading */
+    int64_t drain_left;         /* bytes the socket held when the drain began and
+                                 * not yet read; -1: unknown (TLS), read to EAGAIN */
     bool dirty;                 /* on this thread's list of replies to push out */
     struct conn *dnext;
     uint64_t hs_timer;          /* closes a connection stuck in the handshake */
@@ -1050,6 +1053,22 @@ static bool drained_input(struct conn *c)
     return true;
 }
 
+/* How much of want a read may take: while draining, no more than what the
+ * socket held when the drain began, so that a client that keeps sending
+ * cannot stretch the drain; 0 when that is all read. */
+static size_t read_room(struct conn *c, size_t want)
+{
+    if (c->draining && c->drain_left >= 0 && want > (uint64_t)c->drain_left)
+        return (size_t)c->drain_left;
+    return want;
+}
+
+static void count_read(struct conn *c, ssize_t n)
+{
+    if (c->draining && c->drain_left >= 0)
+        c->drain_left -= n;
+}
+
 /* Read and process input until blocked. Returns true on progress. */
 static bool do_read(struct conn *c)
 {
@@ -1081,10 +1100,12 @@ static bool do_read(struct conn *c)
             c->in_pos = c->in_len = 0;
         if (c->rx && c->in_pos == c->in_len && c->rx->h.len - c->rx->got >= 65536) {
             struct nreq *q = c->rx;
-            if (c->rd_idle && !c->ssl)
+            size_t want = read_room(c, q->h.len - q->got);
+            if ((c->rd_idle && !c->ssl) || !want)
                 return drained_input(c) || moved;
-            n = xread(c, q->buf + q->got, q->h.len - q->got);
+            n = xread(c, q->buf + q->got, want);
             if (n > 0) {
+                count_read(c, n);
                 q->got += (uint32_t)n;
                 moved = true;
                 if (q->got == q->h.len) {
@@ -1101,10 +1122,12 @@ static bool do_read(struct conn *c)
             }
             if (c->in_len == IN_CAP)
                 return moved;   /* cannot happen: requests are consumed */
-            if (c->rd_idle && !c->ssl)
+            size_t want = read_room(c, IN_CAP - c->in_len);
+            if ((c->rd_idle && !c->ssl) || !want)
                 return drained_input(c) || moved;   /* nothing new since the last EAGAIN */
-            n = xread(c, c->in + c->in_len, IN_CAP - c->in_len);
+            n = xread(c, c->in + c->in_len, want);
             if (n > 0) {
+                count_read(c, n);
                 c->in_len += (size_t)n;
                 moved = true;
                 continue;
@@ -1409,6 +1432,11 @@ static void kill_on_loop(void *opaque)
         } else {
             c->draining = true;
             c->rd_idle = false;     /* look at the socket once more */
+            /* What the client has sent so far is what gets served. */
+            int avail = 0;
+            c->drain_left = -1;
+            if (!c->ssl && ioctl(c->rfd, FIONREAD, &avail) == 0 && avail >= 0)
+                c->drain_left = avail;
             c->drain_timer = vd_loop_timer(c->loop, cfg.drain_seconds * 1000ull, drain_timeout, c);
         }
         progress(c);

@@ -118,7 +118,8 @@ static int vdisk_config_complete(void)
     "file=<IMAGE>     (required) The image: raw, qcow2, vmdk, vhd, or nbd://…\n" \
     "format=<FMT>     Its format (default: probed; raw must be named).\n" \
     "readonly=<BOOL>  Open the image read-only.\n" \
-    "cache=<MODE>     none (O_DIRECT) or writeback (default).\n" \
+    "cache=<MODE>     writeback (default), none (O_DIRECT), writethrough, directsync\n" \
+    "                 or unsafe (no syncs: throwaway data).\n" \
     "aio=<ENGINE>     io_uring, native or threads (default: the first that works).\n" \
     "discard=<MODE>   unmap (free space on trim, default) or ignore."
 

@@ -28,10 +28,12 @@ traced() {
         strace -f -qq -o "$log" -e trace=fsync,fdatasync,sync_file_range,pwritev2 "$@"
 }
 
-# 96 MiB of data (more than one early-flush interval of -t writeback) with holes
-truncate -s 160M "$T/src.raw"
-rand_file "$T/blob" 32 cache1
-for at in 0 50 120; do dd if="$T/blob" of="$T/src.raw" bs=1M seek=$at conv=notrunc status=none; done
+# 24 MiB of data with holes; early write-back / flushes every 4 MiB
+# (the interval is 64 MiB unless VDISK_CONVERT_FLUSH_MB says otherwise)
+export VDISK_CONVERT_FLUSH_MB=4
+truncate -s 48M "$T/src.raw"
+rand_file "$T/blob" 8 cache1
+for at in 0 20 40; do dd if="$T/blob" of="$T/src.raw" bs=1M seek=$at conv=notrunc status=none; done
 
 check "convert (default)" traced "$T/def.log" "$VDISK" convert -f raw -O raw "$T/src.raw" "$T/def.raw"
 n=$(syncs "$T/def.log")

@@ -161,4 +161,75 @@ if [ $rc -eq 0 ] && sanitizer_clean "$T/g.log"; then ok "SIGTERM with a client t
 else fail "SIGTERM with a client that never reads: clean exit" "rc $rc"; fi
 check "the cut-off is logged" grep -q "unsent after 2 s of draining" "$T/g.log"
 kill $never 2>/dev/null; wait $never 2>/dev/null
+# ---- SIGTERM while a client keeps pipelining requests as fast as it can ----
+# The drain serves what the socket held when it began, not whatever the
+# client sends afterwards: it ends by itself, well inside --drain-timeout,
+# and every reply the client gets is whole.
+cat > "$T/flood.py" <<'PYEOF'
+import socket, struct, sys, threading, os
+sock, name, started = sys.argv[1], sys.argv[2].encode(), sys.argv[3]
+def recvn(s, n):
+    b = bytearray()
+    while len(b) < n:
+        x = s.recv(n - len(b))
+        if not x:
+            return bytes(b)
+        b += x
+    return bytes(b)
+s = socket.socket(socket.AF_UNIX)
+s.connect(sock)
+assert len(recvn(s, 18)) == 18
+s.sendall(struct.pack('>I', 3))
+s.sendall(struct.pack('>QII', 0x49484156454f5054, 7, 6 + len(name)) +
+          struct.pack('>I', len(name)) + name + struct.pack('>H', 0))
+while True:
+    magic, o, t, n = struct.unpack('>QIII', recvn(s, 20))
+    recvn(s, n)
+    if t == 1:
+        break
+stop = False
+def send():
+    reqs = b''.join(struct.pack('>IHHQQI', 0x25609513, 0, 0, i, (i % 1024) << 12, 4096) for i in range(64))
+    try:
+        while not stop:
+            s.sendall(reqs)
+    except OSError:
+        pass
+threading.Thread(target=send, daemon=True).start()
+got = 0
+while True:
+    h = recvn(s, 16)
+    if not h:
+        break
+    if len(h) < 16:
+        sys.exit('a reply header cut short after %d replies' % got)
+    magic, err, cookie = struct.unpack('>IIQ', h)
+    if magic != 0x67446698 or err:
+        sys.exit('bad reply %x err %d after %d replies' % (magic, err, got))
+    if len(recvn(s, 4096)) < 4096:
+        sys.exit('a read reply cut short after %d replies' % got)
+    got += 1
+    if got == 2000:
+        open(started, 'w').close()
+stop = True
+print('%d whole replies, then a clean close' % got)
+PYEOF
+start_vdiskd h --nbd "unix:$S" --drain-timeout 30 --export "name=c,file=$T/c.raw,format=raw" || exit 1
+rm -f "$T/flood.started"
+$PY "$T/flood.py" "$S" c "$T/flood.started" > "$T/flood.out" 2>&1 &
+flood=$!
+on_exit "kill $flood 2>/dev/null"
+wait_file "$T/flood.started"
+kill -TERM "$h_pid"
+for i in $(seq 600); do kill -0 "$h_pid" 2>/dev/null || break; sleep 0.1; done
+kill -KILL "$h_pid" 2>/dev/null
+wait "$h_pid"; rc=$?
+wait $flood; frc=$?
+if [ $rc -eq 0 ] && sanitizer_clean "$T/h.log"; then ok "SIGTERM with a client that never stops sending: clean exit"
+else fail "SIGTERM with a client that never stops sending: clean exit" "rc $rc"; fi
+if ! grep -q "of draining" "$T/h.log"; then ok "... the drain ended by itself, not by --drain-timeout"
+else fail "... the drain ended by itself, not by --drain-timeout" "$(grep 'of draining' "$T/h.log" | head -2)"; fi
+if [ $frc -eq 0 ]; then ok "... every reply the client got is whole ($(cat "$T/flood.out"))"
+else fail "... every reply the client got is whole" "$(cat "$T/flood.out")"; fi
+
 check_fails "--drain-timeout 0 is refused" "$VDISKD" --drain-timeout 0 --export "file=$T/c.raw,format=raw"

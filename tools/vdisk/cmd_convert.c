@@ -95,6 +95,7 @@ struct conv {
     uint64_t chunk;
     uint32_t cluster;           /* -c: target compression unit */
     bool compress, in_order, target_zero, target_backing, progress;
+    enum vd_aio aio;            /* the workers' engine */
 
     pthread_mutex_t lock;       /* protects everything below */
     uint64_t next_off, next_seq, write_seq;
@@ -732,7 +733,7 @@ static void worker_run(struct worker *w)
 static void *worker_main(void *arg)
 {
     struct worker *w = arg;
-    if (vd_loop_new(VD_AIO_DEFAULT, &w->loop) < 0) {
+    if (vd_loop_new(w->cv->aio, &w->loop) < 0) {
         set_error(w->cv, -ENOMEM, "could not start an I/O thread: %s", vd_errmsg(-ENOMEM));
         w->loop = NULL;
         return NULL;
@@ -810,6 +811,7 @@ static int run(int argc, char **argv)
     int c, rc = 1, nthreads = 0;
     struct conv cv = { .ext_si = -1 };
     struct worker *ws = NULL;
+    struct vd_loop *main_loop = NULL;
     char *probed_fmt = NULL;
 
     pthread_mutex_init(&cv.lock, NULL);
@@ -983,6 +985,16 @@ static int run(int argc, char **argv)
             }
     }
 
+    /* The engine: buffered copies go faster through the thread pool than
+     * through io_uring, which hands buffered writes to its own kernel
+     * workers (corpus, -S 4k, durable: 0.59 s vs 0.90 s median of 7; -S 0
+     * 0.55 s vs 0.89 s); O_DIRECT keeps the default. VDISK_AIO decides
+     * when set. */
+    const char *aio_env = getenv("VDISK_AIO");
+    cv.aio = VD_AIO_DEFAULT;
+    if (!(aio_env && *aio_env) && !vd_cache_direct(dcache) && !vd_cache_direct(scache))
+        cv.aio = VD_AIO_THREADS;
+
     /* Threads: one per core (at most MAX_THREADS), each with a share of -m. */
     long ncpu = sysconf(_SC_NPROCESSORS_ONLN);
     nthreads = ncpu > 1 ? (int)ncpu : 1;
@@ -1024,7 +1036,10 @@ static int run(int argc, char **argv)
             ws[i].nslots = 0;
         }
     }
-    ws[0].loop = vd_loop_current();
+    if (cv.aio == VD_AIO_DEFAULT)
+        ws[0].loop = vd_loop_current();
+    else if (vd_loop_new(cv.aio, &main_loop) == 0)
+        ws[0].loop = main_loop;
     if (!ws[0].loop)
         set_error(&cv, -ENOMEM, "could not start the event loop");
     else
@@ -1073,6 +1088,7 @@ out:
         if (cv.src[i].d)
             vd_disk_close(cv.src[i].d);
     free(cv.src);
+    vd_loop_free(main_loop);
     free(probed_fmt);
     vd_opts_free(&opts);
     vd_opts_free(&fopts);

@@ -33,7 +33,7 @@ static void usage(FILE *f)
 "Serve disk images over NBD, driven by a JSON control socket.\n"
 "\n"
 "Exports (repeatable):\n"
-"  --export name=NAME,file=PATH[,format=FMT][,readonly=on][,cache=none|writeback]\n"
+"  --export name=NAME,file=PATH[,format=FMT][,readonly=on][,cache=writeback|none|writethrough|directsync|unsafe]\n"
 "           [,aio=io_uring|native|threads][,discard=unmap|ignore][,description=TEXT]\n"
 "                         NAME defaults to the file's base name; the empty name\n"
 "                         selects the first export. FMT is probed when absent.\n"
