@@ -12,6 +12,8 @@
 #   RUNTIME=15  seconds per case     SIZE=1G  image size (prefilled)
 #   VDISKD=build/bin/vdiskd          RBD_CONF=… use a running cluster instead
 #   RBD_IMAGE=NAME  with RBD_CONF: an existing, filled image in pool rbd (kept)
+#   RATE=N  cap each job at N IOPS (compare CPU per I/O at equal rates)
+#   SPLIT=1 also print CPU per I/O by process and thread
 #   RBD_OPTS=:KEY=VALUE…  Ceph options for vdiskd and qemu-nbd (appended to the name)
 #   RWS="randread randwrite"         TOOLS="vdiskd qemu-nbd fio-rbd"  (subsets)
 set -euo pipefail
@@ -60,10 +62,33 @@ runfio() {
     local rw=$1 out; shift
     /usr/bin/time -o "$dir/time" -f '%U %S' \
         fio --name=b --rw="$rw" --bs=4k --iodepth=32 --size="$SIZE" --time_based --runtime="$RUNTIME" \
-            --randrepeat=0 --norandommap --output-format=json "$@" > "$dir/fio.out" 2>/dev/null
+            --randrepeat=0 --norandommap --output-format=json ${RATE:+--rate_iops=$RATE} "$@" > "$dir/fio.out" 2>/dev/null
     out=$(sed -n '/^{/,$p' "$dir/fio.out")
     printf '%s %s\n' "$(jq '[.jobs[] | .read.iops + .write.iops] | add | floor' <<<"$out")" \
         "$(awk '{ printf "%.2f", $1 + $2 }' "$dir/time")"
+}
+
+# SPLIT=1: CPU per I/O by process and thread, sampled from 1 s into the
+# case to 1 s before its end: "role/thread us" (role client = fio, server,
+# osd; threads grouped by name, e.g. msgr-worker-N -> msgr-worker).
+threads_of() {   # ROLE PID...
+    local role=$1 p t; shift
+    for p in "$@"; do
+        for t in /proc/"$p"/task/*; do
+            [ -r "$t/stat" ] || continue
+            printf '%s/%s %s\n' "$role" "$(tr ' ' _ < "$t/comm" | sed -E 's/-[0-9]+$//')" \
+                "$(awk '{ print $14 + $15 }' "$t/stat" 2>/dev/null || echo 0)"
+        done
+    done
+}
+sample() {   # SERVER-PID : writes the window's ticks per role/thread to $dir/split
+    local srv=$1
+    sleep 1
+    { threads_of client $(pgrep -x fio); threads_of server $srv; threads_of osd "$osd"; } > "$dir/split0"
+    sleep $((RUNTIME - 2))
+    { threads_of client $(pgrep -x fio); threads_of server $srv; threads_of osd "$osd"; } > "$dir/split1"
+    awk 'NR == FNR { a[$1] -= $2; next } { a[$1] += $2 } END { for (k in a) if (a[k] > 0) print k, a[k] }' \
+        "$dir/split0" "$dir/split1" | sort > "$dir/split"
 }
 
 # case TOOL RW : one line of results; sets R_IOPS
@@ -85,6 +110,8 @@ one() {
         [ -S "$sock" ] || { echo "$tool did not start" >&2; cat "$dir/$tool.log" >&2; exit 1; }
     fi
     s0=$(cpu_of "$srv"); o0=$(cpu_of "$osd")
+    local sp=
+    if [ "${SPLIT:-0}" = 1 ] && [ "$RUNTIME" -ge 4 ]; then sample "$srv" & sp=$!; fi
     if [ "$tool" = fio-rbd ]; then
         res=$(runfio "$rw" --ioengine=rbd --pool=rbd --rbdname="$img" --clientname=admin)
     elif [ "$tool" = fio-rbd-same ]; then
@@ -97,11 +124,18 @@ one() {
     local scpu ocpu
     scpu=$(awk -v a="$(cpu_of "$srv")" -v b="$s0" -v t="$ticks" 'BEGIN { printf "%.2f", (a - b) / t }')
     ocpu=$(awk -v a="$(cpu_of "$osd")" -v b="$o0" -v t="$ticks" 'BEGIN { printf "%.2f", (a - b) / t }')
+    local split=
+    if [ -n "$sp" ]; then
+        wait "$sp"
+        split=$(awk -v i="${res% *}" -v w=$((RUNTIME - 2)) -v t="$ticks" \
+            '{ printf "%s %.1f  ", $1, $2 / t * 1e6 / (i * w) } END { print "(us/IO)" }' "$dir/split")
+    fi
     if [ -n "$srv" ]; then kill "$srv"; wait "$srv" 2>/dev/null || true; fi
     IOPS[$tool.$rw]=${res% *}
     printf '%-12s %-10s %8d IOPS   cpu: client %6.2fs  server %6.2fs  osd %6.2fs   %5.1f us cpu/IO (client+server)\n' \
         "$tool" "$rw" "${res% *}" "${res#* }" "$scpu" "$ocpu" \
         "$(awk -v c="${res#* }" -v s="$scpu" -v i="${res% *}" -v t="$RUNTIME" 'BEGIN { print (i > 0 ? (c + s) * 1e6 / (i * t) : 0) }')"
+    [ -z "$split" ] || echo "    split: $split"
 }
 
 echo "# bench/rbd.sh: 4 KiB QD32, ${RUNTIME}s per case, $SIZE image, $(nproc) CPUs, $(ceph-osd --version | awk '{print $3}') memstore OSD"

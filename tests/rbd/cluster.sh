@@ -110,8 +110,10 @@ osd pg log trim min = 50
 osd heartbeat grace = 60
 # a crashed client's watch (and so its exclusive lock) goes after 10 s, not 30
 osd client watch timeout = ${RBD_WATCH_TIMEOUT:-10}
+# one op thread: on 2 CPUs a second one on the same shard costs 40-70 us of
+# CPU per 4 KiB read in hand-offs (6-7 us with one; bench/RESULTS.md)
 osd op num shards = 1
-osd op num threads per shard = 2
+osd op num threads per shard = ${RBD_OSD_THREADS:-1}
 osd journal size = 64
 osd class load list = *
 osd class default list = *

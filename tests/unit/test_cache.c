@@ -5,6 +5,7 @@
  * for every format's metadata ordering, except through the explicit
  * "sync now" calls; writeback and writethrough must issue theirs. */
 #include <errno.h>
+#include <fcntl.h>
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -18,7 +19,16 @@
 #include "vdisk/block.h"
 #include "vdisk/error.h"
 
-static _Atomic int n_sync, n_dsync_write;
+static _Atomic int n_sync, n_dsync_write, n_kick;
+
+int sync_file_range(int fd, off_t off, off_t len, unsigned int flags)
+{
+    if (flags & (SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WAIT_AFTER))
+        n_sync++;
+    else
+        n_kick++;
+    return (int)syscall(SYS_sync_file_range, fd, off, len, flags);
+}
 
 int fdatasync(int fd)
 {
@@ -46,7 +56,7 @@ static int syncs(void)
 
 static void reset(void)
 {
-    n_sync = n_dsync_write = 0;
+    n_sync = n_dsync_write = n_kick = 0;
 }
 
 static char dir[] = "/var/tmp/vdisk-test-cache.XXXXXX";
@@ -209,6 +219,10 @@ static void durable_write(void **s)
     assert_int_equal(vd_file_sync(f), 0);
     assert_int_equal(syncs(), 0);
     assert_int_equal(vd_file_sync_now(f), 0);
+    assert_int_equal(n_sync, 1);
+    /* starting write-back is a hint, not a sync, and is done in every mode */
+    assert_int_equal(vd_file_start_writeback(f, 0, 0), 0);
+    assert_int_equal(n_kick, 1);
     assert_int_equal(n_sync, 1);
     char rd[512];
     assert_int_equal(vd_file_pread(f, rd, sizeof(rd), 512), 0);

@@ -220,7 +220,8 @@ static const struct vd_cli_cmd cmd_compare = {
     "compare",
     "[-f fmt] [-F fmt] [-T src_cache] [-p] [-q] [-s] [-U] filename1 filename2",
     "Check whether two images have the same content.\n"
-    "  -f / -F   the formats of the first / second image\n"
+    "  -f / -F   the formats of the first / second image (probed when omitted;\n"
+    "            a raw image must be named: -f raw / -F raw)\n"
     "  -s        strict: sizes and allocation status must match too\n"
     "  -p        show progress;  -q  print nothing (the exit status tells)\n"
     "Exit status: 0 identical, 1 different, 2 error.\n",

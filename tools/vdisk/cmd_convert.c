@@ -1102,7 +1102,8 @@ static const struct vd_cli_cmd cmd_convert = {
     "              [-S sparse_size] [-m num_requests] [-t cache] [-T src_cache] [--target-is-zero] [-U]\n"
     "              filename [filename2 [...]] output_filename",
     "Copy images (several are concatenated) into a new image, of any format.\n"
-    "  -f fmt / -O fmt  source / target format (target default raw)\n"
+    "  -f fmt / -O fmt  source / target format (source probed when omitted, a raw\n"
+    "                   source needs -f raw; target default raw)\n"
     "  -o options       target format options (-o help lists them)\n"
     "  -B file [-F fmt] give the target this backing file; only what differs from\n"
     "                   it (what the source's top image holds) is copied\n"

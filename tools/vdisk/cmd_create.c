@@ -177,7 +177,7 @@ static const struct vd_cli_cmd cmd_create = {
     "                  (provisioning=thin|lazy-zeroed|eager-zeroed or\n"
     "                  preallocation=off|metadata|falloc|full for every format)\n"
     "  -b backing_file backing file (relative names are relative to the image)\n"
-    "  -F backing_fmt  its format (probed when omitted)\n"
+    "  -F backing_fmt  its format (probed when omitted; a raw one needs -F raw)\n"
     "  -u              do not open the backing file (the size must be given)\n"
     "  -q              do not print the 'Formatting' line\n"
     "  size            bytes, or with a suffix k, M, G, T, P, E (binary units)\n",
