@@ -71,6 +71,7 @@ struct vhb_queue {
     struct vhb_req *reqs;          /* one per descriptor head */
     unsigned inflight;
     bool q_enabled, stopping, in_process, notify_pending, broken_reported;
+    uint64_t notify_timer;         /* a deferred signal (vd_loop timer id), 0: none */
     sem_t *drained;
     /* statistics (relaxed atomics: read by other threads) */
     uint64_t st_requests, st_reads, st_writes, st_flushes, st_discards, st_wz, st_errors;

@@ -52,6 +52,38 @@ static void notify(struct vhb_queue *q)
         eventfd_write(q->call_fd, 1);
 }
 
+static void notify_timer_cb(void *opaque)
+{
+    struct vhb_queue *q = opaque;
+    q->notify_timer = 0;
+    notify(q);
+}
+
+/* Completions arrive in batches (all the I/O engine reaps at once): signal
+ * the driver once, when the loop has dispatched the whole batch (a 0 ms
+ * timer runs after this iteration's callbacks), not once per completion.
+ * A driver that is quick to re-arm would otherwise be woken for every
+ * request and take them back one at a time. */
+static void notify_later(struct vhb_queue *q)
+{
+    if (q->in_process) { q->notify_pending = true; return; }
+    if (!q->notify_timer) q->notify_timer = vd_loop_timer(q->loop, 0, notify_timer_cb, q);
+}
+
+/* Cancel a deferred signal and send it now (before the ring stops). */
+static void notify_flush(struct vhb_queue *q)
+{
+    if (q->notify_timer) {
+        vd_loop_cancel_timer(q->loop, q->notify_timer);
+        q->notify_timer = 0;
+        q->notify_pending = true;
+    }
+    if (q->notify_pending) {
+        q->notify_pending = false;
+        notify(q);
+    }
+}
+
 static void report_broken(struct vhb_queue *q, const char *why)
 {
     if (q->broken_reported) return;
@@ -77,7 +109,7 @@ static void complete(struct vhb_req *r, uint8_t status)
     r->mt = NULL;
     r->busy = false;
     q->inflight--;
-    notify(q);
+    notify_later(q);
     if (q->stopping && q->inflight == 0 && q->drained) {
         sem_t *s = q->drained;
         q->drained = NULL;
@@ -366,7 +398,7 @@ static void do_stop(struct call *c)
 static void do_stop_finish(struct call *c)
 {
     struct vhb_queue *q = c->q;
-    if (q->notify_pending) { q->notify_pending = false; notify(q); }
+    notify_flush(q);
     c->rc = q->vq.last_avail;
     vhu_mtab_unref(q->mt);
     q->mt = NULL;

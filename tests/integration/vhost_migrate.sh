@@ -27,7 +27,7 @@ for _ in $(seq 100); do [ -S "$T/vm.sock" ] && break; sleep 0.05; done
 # vm NAME [QEMU ARGS]: the guest repeats write / flush / verify passes
 vm() {
     local n=$1; shift
-    timeout 120 qemu-system-x86_64 -machine q35,accel=tcg,memory-backend=mem -cpu qemu64 -smp 2 -m 512M \
+    timeout "${TMO:-120}" qemu-system-x86_64 -machine q35,accel=tcg,memory-backend=mem -cpu qemu64 -smp 2 -m 512M \
         -object memory-backend-memfd,id=mem,size=512M,share=on \
         -chardev socket,id=c0,path="$T/vm.sock" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
         -kernel "$G/vmlinuz" -initrd "$G/initramfs.gz" \
@@ -74,7 +74,7 @@ if grep -q 'Migration disabled' "$T/src.qemu"; then fail "no migration blocker" 
 else ok "no migration blocker"; fi
 passes_before=$(grep -c '^PASS' "$T/src.console")
 qmp "$T/src.qmp" quit; wait $src
-vm dst -incoming "exec:cat $T/state" &
+TMO=40 vm dst -incoming "exec:cat $T/state" &
 dst=$!
 wait $dst
 grep -E 'GUEST|BUG|virtio_blk' "$T/dst.console" | head -3 | sed 's/^/# destination guest: /'
