@@ -191,6 +191,37 @@ int vd_file_zero(struct vd_file *f, uint64_t off, uint64_t len)
     return DISPATCH(zero, off, len);
 }
 
+int vd_file_write_zeros(struct vd_file *f, uint64_t off, uint64_t len)
+{
+    size_t chunk = len < (1u << 20) ? (size_t)len : (1u << 20);
+    uint8_t *z = chunk ? calloc(1, chunk) : NULL;
+    if (chunk && !z)
+        return -ENOMEM;
+    int r = 0;
+    while (len && r >= 0) {
+        size_t n = len < chunk ? (size_t)len : chunk;
+        r = vd_file_pwrite(f, z, n, off);
+        off += n;
+        len -= n;
+    }
+    free(z);
+    return r < 0 ? r : 0;
+}
+
+int vd_file_zero_range(struct vd_file *f, uint64_t off, uint64_t len, bool unmap, bool fast)
+{
+    int r = -ENOTSUP;
+    if (!len)
+        return 0;
+    if (unmap)
+        r = vd_file_punch(f, off, len);
+    if (r == -ENOTSUP || r == -EOPNOTSUPP)
+        r = vd_file_zero(f, off, len);
+    if (r != -ENOTSUP && r != -EOPNOTSUPP)
+        return r;
+    return fast ? -ENOTSUP : vd_file_write_zeros(f, off, len);
+}
+
 int vd_file_extent(struct vd_file *f, uint64_t off, bool *is_data, uint64_t *end)
 {
     if (!f->proto->extent) {

@@ -66,24 +66,6 @@ static int pwrite_or(struct q2 *s, const void *b, size_t n, uint64_t off, const 
     return 0;
 }
 
-/* Write zeros over [off, off+len) of the file (preallocation=full). */
-static int write_zeros(struct vd_file *f, uint64_t off, uint64_t len)
-{
-    size_t chunk = 1u << 20;
-    uint8_t *z = calloc(1, chunk);
-    if (!z)
-        return -ENOMEM;
-    int r = 0;
-    while (len && r == 0) {
-        size_t n = len < chunk ? (size_t)len : chunk;
-        r = vd_file_pwrite(f, z, n, off);
-        off += n;
-        len -= n;
-    }
-    free(z);
-    return r;
-}
-
 int vd_q2_create(const char *filename, const struct vd_create_opts *o)
 {
     struct q2 st, *s = &st;
@@ -207,7 +189,7 @@ int vd_q2_create(const char *filename, const struct vd_create_opts *o)
     if (o->prealloc == VD_PREALLOC_FALLOC && n_data)
         r = vd_file_allocate(f, d_c * cs, n_data * cs);
     else if (o->prealloc == VD_PREALLOC_FULL && n_data)
-        r = write_zeros(f, d_c * cs, n_data * cs);
+        r = vd_file_write_zeros(f, d_c * cs, n_data * cs);
     if (r < 0) {
         vd_err(r, "%s: preallocating %llu bytes failed", filename, (unsigned long long)(n_data * cs));
         goto out;
@@ -250,7 +232,7 @@ int vd_q2_preallocate(struct q2 *s, uint64_t off, uint64_t len, enum vd_prealloc
         vd_q2_cache_dirty(&s->l2c, tbl);
         if (mode == VD_PREALLOC_FALLOC && (r = vd_file_allocate(s->f, host, cs)) < 0)
             return r;
-        if (mode == VD_PREALLOC_FULL && (r = write_zeros(s->f, host, cs)) < 0)
+        if (mode == VD_PREALLOC_FULL && (r = vd_file_write_zeros(s->f, host, cs)) < 0)
             return r;
         c++;
     }

@@ -64,19 +64,8 @@ size_t vd_vhd_to_utf16(const char *s, uint8_t *out, size_t cap, bool le, bool ba
 
 static int write_zeros(struct vd_file *f, uint64_t off, uint64_t len, const char *name)
 {
-    size_t chunk = 1 << 20;
-    uint8_t *z = calloc(1, chunk);
-    if (!z)
-        return -ENOMEM;
-    int r = 0;
-    while (len && r >= 0) {
-        size_t n = len < chunk ? (size_t)len : chunk;
-        r = vd_file_pwrite(f, z, n, off);
-        off += n;
-        len -= n;
-    }
-    free(z);
-    return r < 0 ? vd_err(r, "%s: cannot write zeros at offset %llu", name, (unsigned long long)off) : 0;
+    int r = vd_file_write_zeros(f, off, len);
+    return r < 0 ? vd_err(r, "%s: cannot write zeros: %s", name, vd_errmsg(r)) : 0;
 }
 
 static int read_parent_at(const char *child, const char *path, struct vd_vhd_parent *pi)

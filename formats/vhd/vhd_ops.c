@@ -27,32 +27,11 @@
  * (unless fast was asked: then -ENOTSUP). */
 static int host_zero(struct vd_layer *l, uint64_t off, uint64_t len, bool unmap, bool fast)
 {
-    int r = -ENOTSUP;
-    if (!len)
-        return 0;
-    if (unmap)
-        r = vd_file_punch(l->file, off, len);
-    if (r == -ENOTSUP || r == -EOPNOTSUPP)
-        r = vd_file_zero(l->file, off, len);
-    if (r != -ENOTSUP && r != -EOPNOTSUPP)
-        return r < 0 ? vd_err(r, "%s: cannot zero %llu bytes at offset %llu", fname(l),
-                              (unsigned long long)len, (unsigned long long)off) : 0;
-    if (fast)
-        return -ENOTSUP;
-    size_t chunk = len < (1u << 20) ? (size_t)len : (1u << 20);
-    uint8_t *z = calloc(1, chunk);
-    if (!z)
-        return -ENOMEM;
-    r = 0;
-    while (len && r >= 0) {
-        size_t n = len < chunk ? (size_t)len : chunk;
-        r = vd_file_pwrite(l->file, z, n, off);
-        off += n;
-        len -= n;
-    }
-    free(z);
-    return r < 0 ? vd_err(r, "%s: cannot write zeros at offset %llu", fname(l),
-                          (unsigned long long)off) : 0;
+    int r = vd_file_zero_range(l->file, off, len, unmap, fast);
+    if (r < 0 && !(fast && r == -ENOTSUP))
+        return vd_err(r, "%s: cannot zero %llu bytes at offset %llu", fname(l),
+                      (unsigned long long)len, (unsigned long long)off);
+    return r;
 }
 
 static void set_bits(uint8_t *bm, uint64_t s0, uint64_t s1, bool on)

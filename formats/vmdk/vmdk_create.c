@@ -58,14 +58,7 @@ static void bprintf(struct buf *b, const char *fmt, ...)
 
 static int write_zeros(struct vd_file *f, uint64_t len, const char *name)
 {
-    size_t chunk = 1 << 20;
-    uint8_t *z = calloc(1, chunk);
-    if (!z)
-        return -ENOMEM;
-    int r = 0;
-    for (uint64_t off = 0; off < len && r >= 0; off += chunk)
-        r = vd_file_pwrite(f, z, len - off < chunk ? (size_t)(len - off) : chunk, off);
-    free(z);
+    int r = vd_file_write_zeros(f, 0, len);
     return r < 0 ? vd_err(r, "%s: cannot write zeros: %s", name, vd_errmsg(r)) : 0;
 }
 

@@ -32,32 +32,11 @@ static const char *lname(struct vd_layer *l) { return l->filename ? l->filename 
 static int file_zero(struct vd_layer *l, struct vd_file *f, uint64_t off, uint64_t len, bool unmap,
                      bool fast)
 {
-    int r = -ENOTSUP;
-    if (!len)
-        return 0;
-    if (unmap)
-        r = vd_file_punch(f, off, len);
-    if (r == -ENOTSUP || r == -EOPNOTSUPP)
-        r = vd_file_zero(f, off, len);
-    if (r != -ENOTSUP && r != -EOPNOTSUPP)
-        return r < 0 ? vd_err(r, "%s: cannot zero %llu bytes at offset %llu of %s", lname(l),
-                              (unsigned long long)len, (unsigned long long)off, f->name) : 0;
-    if (fast)
-        return -ENOTSUP;
-    size_t chunk = len < (1u << 20) ? (size_t)len : (1u << 20);
-    uint8_t *z = calloc(1, chunk);
-    if (!z)
-        return -ENOMEM;
-    r = 0;
-    while (len && r >= 0) {
-        size_t n = len < chunk ? (size_t)len : chunk;
-        r = vd_file_pwrite(f, z, n, off);
-        off += n;
-        len -= n;
-    }
-    free(z);
-    return r < 0 ? vd_err(r, "%s: cannot write zeros at offset %llu of %s", lname(l),
-                          (unsigned long long)off, f->name) : 0;
+    int r = vd_file_zero_range(f, off, len, unmap, fast);
+    if (r < 0 && !(fast && r == -ENOTSUP))
+        return vd_err(r, "%s: cannot zero %llu bytes at offset %llu of %s", lname(l),
+                      (unsigned long long)len, (unsigned long long)off, f->name);
+    return r;
 }
 
 static bool is_delta(struct vd_layer *l)

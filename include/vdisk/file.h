@@ -106,6 +106,12 @@ int  vd_file_truncate(struct vd_file *f, uint64_t size);
 int  vd_file_allocate(struct vd_file *f, uint64_t off, uint64_t len);
 int  vd_file_punch(struct vd_file *f, uint64_t off, uint64_t len);
 int  vd_file_zero(struct vd_file *f, uint64_t off, uint64_t len);
+/* Write zeros over [off, off+len), 1 MiB at a time (preallocation=full, and
+ * files that can neither punch nor zero). */
+int  vd_file_write_zeros(struct vd_file *f, uint64_t off, uint64_t len);
+/* Zeros in [off, off+len): a hole when unmap allows it, else zeroed by the
+ * file system, else written; with fast, -ENOTSUP rather than writing. */
+int  vd_file_zero_range(struct vd_file *f, uint64_t off, uint64_t len, bool unmap, bool fast);
 int  vd_file_extent(struct vd_file *f, uint64_t off, bool *is_data, uint64_t *end);
 uint64_t vd_file_allocated_bytes(struct vd_file *f);
 /* Register a protocol backend (done once at start-up by each backend's
