@@ -32,7 +32,7 @@ static void layer_close(struct vd_layer *l)
 
 static bool is_protocol_name(const char *name)
 {
-    return strstr(name, "://") != NULL || !strncmp(name, "rbd:", 4);
+    return !vd_file_name_is_local(name);
 }
 
 /* The backing file name as recorded, resolved against the image's folder. */

@@ -35,14 +35,24 @@ void *vd_alloc_aligned(size_t len)
     return p;
 }
 
+/* The backend that serves name: the first registered one that claims it,
+ * else the posix backend. */
+static const struct vd_proto *proto_for(const char *name)
+{
+    for (int i = 0; i < nprotos; i++)
+        if (protos[i]->match && protos[i]->match(name))
+            return protos[i];
+    return &posix_proto;
+}
+
+bool vd_file_name_is_local(const char *name)
+{
+    return proto_for(name) == &posix_proto;
+}
+
 int vd_file_open(const char *name, int flags, enum vd_cache cache, struct vd_file **out)
 {
-    const struct vd_proto *p = &posix_proto;
-    for (int i = 0; i < nprotos; i++)
-        if (protos[i]->match && protos[i]->match(name)) {
-            p = protos[i];
-            break;
-        }
+    const struct vd_proto *p = proto_for(name);
     struct vd_file *f = calloc(1, sizeof(*f));
     if (!f)
         return -ENOMEM;

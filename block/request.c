@@ -594,14 +594,13 @@ static void zero_next(struct vd_req *sub, int res)
     req_put(r, res);
 }
 
-/* Raw on a backend that zeroes asynchronously (RBD): discard and
- * write-zeroes become host I/O on the loop like reads and writes, instead
- * of a synchronous call that would hold the loop, and every export on it,
- * for a cluster round trip. Raw maps every offset to itself, so its
- * discard and zero are exactly the file's punch and zero. */
+/* A format that maps every offset to itself (raw) on a backend that
+ * zeroes asynchronously (RBD): discard and write-zeroes become host I/O on
+ * the loop like reads and writes, instead of a synchronous call that would
+ * hold the loop, and every export on it, for a cluster round trip. */
 static bool zero_async(const struct vd_layer *l)
 {
-    return !strcmp(l->fmt->name, "raw") && l->file && l->file->proto &&
+    return l->fmt->identity_map && l->file && l->file->proto &&
            l->file->proto->submit && l->file->proto->submit_zero;
 }
 

@@ -141,6 +141,7 @@ static const struct vd_create_opt_desc raw_create_opts[] = {
 
 const struct vd_format vd_format_raw = {
     .name = "raw",
+    .identity_map = true,
     .open = raw_open,
     .close = raw_close,
     .create = raw_create,

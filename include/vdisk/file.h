@@ -81,6 +81,9 @@ struct vd_file {
 };
 
 int  vd_file_open(const char *name, int flags, enum vd_cache cache, struct vd_file **out);
+/* true when name is a path of the local file system (no backend such as
+ * nbd:// or rbd: claims it) */
+bool vd_file_name_is_local(const char *name);
 void vd_file_close(struct vd_file *f);
 /* Full transfers or an error. Reads past the end of the file return zeros. */
 int  vd_file_pread(struct vd_file *f, void *buf, size_t len, uint64_t off);

@@ -100,6 +100,10 @@ struct vd_create_opt_desc {
 struct vd_format {
     const char *name;                   /* "raw", "qcow2", "vmdk", "vhd" */
     const char *const *aliases;         /* NULL-terminated, may be NULL ("vpc") */
+    /* Every guest offset is the same offset of layer->file (raw): discard
+     * and write-zeroes are the file's punch and zero, so the core can send
+     * them to a backend that does them asynchronously (RBD). */
+    bool identity_map;
     /* 0..100: how sure buf (the first bytes of f, len <= 64 KiB) is this format. */
     int  (*probe)(const uint8_t *buf, size_t len, struct vd_file *f);
     /* layer->file, filename, readonly are set; set size, alloc_unit, and

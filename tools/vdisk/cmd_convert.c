@@ -776,7 +776,7 @@ static int target_opts(struct vd_opts *opts, const struct vd_format *fmt, const 
 /* The folder entry of a new target must be durable too. Local files only. */
 static int sync_dir(const char *file)
 {
-    if (strstr(file, "://") || !strncmp(file, "rbd:", 4))
+    if (!vd_file_name_is_local(file))
         return 0;
     char *copy = strdup(file);
     if (!copy)
