@@ -246,10 +246,14 @@ static uint32_t sc_mask(const struct q2 *s, uint64_t cstart, uint64_t a, uint64_
  * all of it on the one lock every writer of the file waits for. Exactly
  * the span written is reserved, so the file is no larger. Only a hint:
  * failures are ignored (the write reports its own), and a file system
- * that cannot is not asked again. O_DIRECT writes allocate directly. */
+ * that cannot is not asked again. O_DIRECT writes allocate directly.
+ * Small writes (a guest's 4 KiB into a new cluster) are left to delayed
+ * allocation: for a few blocks the extra system call on the loop thread
+ * costs more than it saves. */
+#define RESERVE_MIN (64u << 10)
 static void reserve_fresh(struct q2 *s, uint64_t host, uint64_t len)
 {
-    if (s->no_reserve || s->f->fd < 0 || s->f->direct || s->f->proto->submit || !len)
+    if (s->no_reserve || s->f->fd < 0 || s->f->direct || s->f->proto->submit || len < RESERVE_MIN)
         return;
     if (vd_file_allocate(s->f, host, len) == -ENOTSUP)
         s->no_reserve = true;
