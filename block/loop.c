@@ -57,6 +57,10 @@ struct vd_loop {
 
     pthread_mutex_t post_lock;
     struct posted *post_head, *post_tail;
+    /* vd_loop_post_node: a lock-free stack (newest first), and whether the
+     * loop is in (or about to enter) a blocking epoll_wait. */
+    _Atomic(struct vd_post_node *) nodes;
+    atomic_bool sleeping;
 
     struct timer *timers;   /* sorted by deadline */
     uint64_t next_timer_id;
@@ -181,6 +185,38 @@ void vd_loop_post(struct vd_loop *l, vd_fn fn, void *opaque)
     pthread_mutex_unlock(&l->post_lock);
     if (was_empty)
         wake(l);
+}
+
+void vd_loop_post_node(struct vd_loop *l, struct vd_post_node *node)
+{
+    struct vd_post_node *head = atomic_load(&l->nodes);
+    do
+        node->next = head;
+    while (!atomic_compare_exchange_weak(&l->nodes, &head, node));
+    /* Sequentially consistent with the loop's store of sleeping and its
+     * load of nodes before it sleeps: either it sees this node, or we see
+     * it sleeping and wake it. A non-empty queue was someone else's wake. */
+    if (!head && atomic_load(&l->sleeping))
+        wake(l);
+}
+
+static int run_nodes(struct vd_loop *l)
+{
+    struct vd_post_node *p = atomic_exchange(&l->nodes, NULL), *fifo = NULL;
+    int n = 0;
+    while (p) {                     /* newest first: reverse */
+        struct vd_post_node *next = p->next;
+        p->next = fifo;
+        fifo = p;
+        p = next;
+    }
+    while (fifo) {
+        struct vd_post_node *next = fifo->next;
+        fifo->fn(fifo->opaque);     /* may free the node */
+        fifo = next;
+        n++;
+    }
+    return n;
 }
 
 static int run_posted(struct vd_loop *l)
@@ -466,13 +502,21 @@ int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
         if (timeout_ms < 0 || wait_ms < timeout_ms)
             timeout_ms = (int)(wait_ms > 3600000 ? 3600000 : wait_ms);
     }
+    if (timeout_ms != 0) {
+        atomic_store(&l->sleeping, true);
+        if (atomic_load(&l->nodes))
+            timeout_ms = 0;
+    }
     n = epoll_wait(l->epfd, ev, 64, timeout_ms);
+    atomic_store(&l->sleeping, false);
     if (n < 0) {
         int r = errno == EINTR ? 0 : -errno;
         cur_loop = prev;
         return r;
     }
     l->depth++;
+    if (atomic_load_explicit(&l->nodes, memory_order_relaxed))
+        done += run_nodes(l);
     for (int i = 0; i < n; i++) {
         struct watcher *w = ev[i].data.ptr;
         if (w->dead)

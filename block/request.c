@@ -8,6 +8,7 @@
  * Every request holds one reference for its issuer plus one per sub-op in
  * flight (r->pending); the last one out completes the request. */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "vdisk/error.h"
@@ -36,17 +37,38 @@ struct waiter {
 
 static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint64_t len, size_t pos);
 static void flush_start(struct vd_req *r);
+static void submit(struct vd_disk *d, struct vd_req *r, bool gate);
+static void gate_leave(struct vd_disk *d);
+static bool gate_enter(struct vd_disk *d, struct vd_req *r, int kind);
+static void meta_start(struct vd_req *r, int kind);
+
+/* core-private bit of r->flags: the request is counted in its disk's gate */
+#define REQ_F_GATED 0x80000000u
 
 /* ---- references ---- */
 
 static void req_finish(struct vd_req *r)
 {
+    struct vd_disk *d = r->disk;
+    bool gated = r->flags & REQ_F_GATED;
     if (r->err == 0 && r->op != VD_OP_FLUSH && (r->flags & VD_REQ_FUA) &&
-        !r->disk->readonly) {
+        !d->readonly) {
         r->flags &= ~VD_REQ_FUA;     /* FUA: a flush after the write, once */
         r->pending = 1;
+        if (gated && d->top->fmt->flush) {
+            /* the format's flush is a metadata op: through the gate again */
+            r->flags &= ~REQ_F_GATED;
+            gate_leave(d);
+            if (gate_enter(d, r, VD_OP_FLUSH))
+                meta_start(r, VD_OP_FLUSH);
+            return;
+        }
         flush_start(r);
         return;
+    }
+    if (gated) {
+        r->flags &= ~REQ_F_GATED;
+        gate_leave(d);
     }
     r->done(r, r->err);
 }
@@ -563,7 +585,8 @@ static void zero_issue(struct zero_state *z)
                                   .iovcnt = 1, .done = zero_next, .opaque = z };
         z->off += n;
         z->completed_inline = false;
-        vd_disk_submit(z->parent->disk, &z->sub);
+        /* part of a request already admitted: not through the gate again */
+        submit(z->parent->disk, &z->sub, false);
         if (!z->completed_inline)
             break;              /* zero_next continues when it completes */
         if (z->res < 0 || z->off >= z->end) {
@@ -679,31 +702,228 @@ static int discard_start(struct vd_req *r)
     return ret == -ENOTSUP ? 0 : ret;
 }
 
-/* ---- submission ---- */
+/* ---- the gate: metadata ops of formats on remote files ----
+ *
+ * A format's discard, zero and flush are synchronous and hold the layer
+ * lock; on a remote file (RBD, NBD) each metadata write in them is a
+ * network round trip. They run on the worker pool instead (vd_loop_offload)
+ * and finish on the request's loop. The lock rules stay as they are (the
+ * worker holds layer->lock around the driver call); what keeps the loops
+ * from waiting on that lock is the gate: a metadata op starts only when no
+ * other request of the disk is in flight, and requests submitted while it
+ * runs (or waits to run) queue, in order, and start on their own loops when
+ * it is done. Reads and writes meanwhile pass freely, counted. */
 
-void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
+struct gate_wait {
+    struct vd_req *r;
+    int kind;                   /* -1: an ordinary request; else the metadata op */
+    struct gate_wait *next;
+};
+
+static bool remote_file(const struct vd_file *f)
 {
-    r->disk = d;
-    r->loop = vd_loop_current();
-    r->err = 0;
-    r->pending = 1;
-    int ret = 0;
-    uint64_t size = d->top->size;
-    if (r->op != VD_OP_FLUSH && (r->off > size || r->len > size - r->off))
-        ret = vd_err(-EINVAL, "%s: request at offset %llu, length %llu is past the end (%llu)",
-                     d->top->filename, (unsigned long long)r->off, (unsigned long long)r->len,
-                     (unsigned long long)size);
-    else if (d->readonly && r->op != VD_OP_READ && r->op != VD_OP_FLUSH)
-        ret = vd_err(-EROFS, "%s: image is read-only", d->top->filename);
-    if (ret < 0 || !r->disk || !r->loop) {
-        r->pending = 0;
-        r->done(r, ret < 0 ? ret : -ENOMEM);
+    return f && f->proto && f->proto->submit;
+}
+
+void vd_disk_gate_init(struct vd_disk *d)
+{
+    struct vd_layer *l = d->top;
+    pthread_mutex_init(&d->gate_lock, NULL);
+    d->gate_tail = &d->gate_head;
+    d->gated = !d->readonly && remote_file(l->file) &&
+               (l->fmt->flush || ((l->fmt->discard || l->fmt->zero) && !zero_async(l)));
+}
+
+void vd_disk_gate_fini(struct vd_disk *d)
+{
+    pthread_mutex_destroy(&d->gate_lock);
+}
+
+/* The metadata op r needs the worker for (VD_OP_…), or -1. */
+static int meta_kind(const struct vd_disk *d, const struct vd_req *r)
+{
+    const struct vd_layer *l = d->top;
+    switch (r->op) {
+    case VD_OP_FLUSH:
+        return l->fmt->flush ? VD_OP_FLUSH : -1;
+    case VD_OP_DISCARD:
+        return l->discard_unmap && l->fmt->discard && !zero_async(l) ? VD_OP_DISCARD : -1;
+    case VD_OP_WRITE_ZEROES:
+        return l->fmt->zero && !zero_async(l) ? VD_OP_WRITE_ZEROES : -1;
+    default:
+        return -1;
+    }
+}
+
+static void gate_start(void *opaque);
+
+/* Under gate_lock: the waiters that may start now, in order. */
+static struct gate_wait *gate_admit(struct vd_disk *d)
+{
+    struct gate_wait *go = NULL, **tail = &go;
+    while (d->gate_head && !d->gate_meta) {
+        struct gate_wait *w = d->gate_head;
+        if (w->kind >= 0) {
+            if (d->gate_active > 0)
+                break;
+            d->gate_meta = true;
+        } else {
+            d->gate_active++;
+        }
+        d->gate_head = w->next;
+        if (!d->gate_head)
+            d->gate_tail = &d->gate_head;
+        w->next = NULL;
+        *tail = w;
+        tail = &w->next;
+    }
+    return go;
+}
+
+static void gate_run(struct gate_wait *go)
+{
+    while (go) {
+        struct gate_wait *next = go->next;
+        vd_loop_post(go->r->loop, gate_start, go);
+        go = next;
+    }
+}
+
+/* true: r may go now (an ordinary request is counted; a metadata op owns
+ * the disk). false: r waits; gate_start starts it later on r->loop. */
+static bool gate_enter(struct vd_disk *d, struct vd_req *r, int kind)
+{
+    pthread_mutex_lock(&d->gate_lock);
+    bool go = !d->gate_meta && !d->gate_head && (kind < 0 || d->gate_active == 0);
+    if (go) {
+        if (kind >= 0)
+            d->gate_meta = true;
+        else {
+            d->gate_active++;
+            r->flags |= REQ_F_GATED;
+        }
+    } else {
+        struct gate_wait *w = malloc(sizeof(*w));
+        if (!w)
+            abort();            /* as vd_loop_post: losing a request would be worse */
+        *w = (struct gate_wait){ .r = r, .kind = kind };
+        *d->gate_tail = w;
+        d->gate_tail = &w->next;
+    }
+    pthread_mutex_unlock(&d->gate_lock);
+    return go;
+}
+
+static void gate_leave(struct vd_disk *d)
+{
+    pthread_mutex_lock(&d->gate_lock);
+    d->gate_active--;
+    struct gate_wait *go = gate_admit(d);
+    pthread_mutex_unlock(&d->gate_lock);
+    gate_run(go);
+}
+
+/* The metadata op of r is done: r carries on as an ordinary request. */
+static void gate_meta_end(struct vd_req *r)
+{
+    struct vd_disk *d = r->disk;
+    pthread_mutex_lock(&d->gate_lock);
+    d->gate_meta = false;
+    d->gate_active++;
+    r->flags |= REQ_F_GATED;
+    struct gate_wait *go = gate_admit(d);
+    pthread_mutex_unlock(&d->gate_lock);
+    gate_run(go);
+}
+
+struct meta_job {
+    struct vd_req *r;
+    int kind;
+    int ret;
+    char msg[512];              /* the worker's error message, for the loop's thread */
+};
+
+/* On a worker: the format's synchronous op, under the layer lock. */
+static void meta_run(void *opaque)
+{
+    struct meta_job *j = opaque;
+    struct vd_req *r = j->r;
+    struct vd_layer *l = r->disk->top;
+    vd_err_clear();
+    pthread_mutex_lock(&l->lock);
+    switch (j->kind) {
+    case VD_OP_DISCARD:
+        j->ret = l->fmt->discard(l, r->off, r->len, 0);
+        break;
+    case VD_OP_WRITE_ZEROES:
+        j->ret = l->fmt->zero(l, r->off, r->len, r->flags & (VD_REQ_MAY_UNMAP | VD_REQ_FAST_ZERO));
+        break;
+    default:
+        j->ret = l->fmt->flush(l);
+        break;
+    }
+    pthread_mutex_unlock(&l->lock);
+    if (j->ret < 0)
+        snprintf(j->msg, sizeof(j->msg), "%s", vd_errmsg(j->ret));
+}
+
+/* On r's loop: finish what the op started, as the synchronous path does. */
+static void meta_done(void *opaque)
+{
+    struct meta_job *j = opaque;
+    struct vd_req *r = j->r;
+    int ret = j->ret, kind = j->kind;
+    if (ret < 0 && ret != -ENOTSUP)
+        vd_err(ret, "%s", j->msg);
+    free(j);
+    gate_meta_end(r);
+    switch (kind) {
+    case VD_OP_DISCARD:
+        if (ret == -ENOTSUP)
+            ret = 0;                /* advisory */
+        break;
+    case VD_OP_WRITE_ZEROES:
+        if (ret == -ENOTSUP && !(r->flags & VD_REQ_FAST_ZERO)) {
+            zeroes_fallback(r);     /* write zeros instead */
+            ret = 0;
+        }
+        break;
+    default:                        /* the metadata is out: sync the file */
+        if (ret == 0) {
+            struct subio *s = subio_new(r, VD_IO_SYNC, r->disk->top->file, 0, sync_done);
+            if (!s)
+                ret = -ENOMEM;
+            else {
+                r->pending++;
+                submit_host(r, s);
+            }
+        }
+        break;
+    }
+    req_put(r, ret);
+}
+
+/* r owns the disk (gate_enter said so) and holds one reference. */
+static void meta_start(struct vd_req *r, int kind)
+{
+    struct meta_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        gate_meta_end(r);
+        req_put(r, -ENOMEM);
         return;
     }
-    /* writethrough / directsync: every write is durable when it completes */
-    if (r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
-        (d->opts.cache == VD_CACHE_WRITETHROUGH || d->opts.cache == VD_CACHE_DIRECTSYNC))
-        r->flags |= VD_REQ_FUA;
+    j->r = r;
+    j->kind = kind;
+    vd_loop_offload(r->loop, meta_run, meta_done, j);
+}
+
+/* ---- submission ---- */
+
+/* The work of a request that may start now. */
+static void dispatch(struct vd_req *r)
+{
+    struct vd_disk *d = r->disk;
+    int ret = 0;
     switch (r->op) {
     case VD_OP_READ:
         ret = read_range(r, d->top, r->off, r->len, 0);
@@ -725,4 +945,59 @@ void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
         ret = -EINVAL;
     }
     req_put(r, ret);
+}
+
+static void gate_start(void *opaque)
+{
+    struct gate_wait *w = opaque;
+    struct vd_req *r = w->r;
+    int kind = w->kind;
+    free(w);
+    if (kind >= 0)
+        meta_start(r, kind);
+    else {
+        r->flags |= REQ_F_GATED;
+        dispatch(r);
+    }
+}
+
+static void submit(struct vd_disk *d, struct vd_req *r, bool gate)
+{
+    r->disk = d;
+    r->loop = vd_loop_current();
+    r->err = 0;
+    r->pending = 1;
+    r->flags &= ~REQ_F_GATED;
+    int ret = 0;
+    uint64_t size = d->top->size;
+    if (r->op != VD_OP_FLUSH && (r->off > size || r->len > size - r->off))
+        ret = vd_err(-EINVAL, "%s: request at offset %llu, length %llu is past the end (%llu)",
+                     d->top->filename, (unsigned long long)r->off, (unsigned long long)r->len,
+                     (unsigned long long)size);
+    else if (d->readonly && r->op != VD_OP_READ && r->op != VD_OP_FLUSH)
+        ret = vd_err(-EROFS, "%s: image is read-only", d->top->filename);
+    if (ret < 0 || !r->disk || !r->loop) {
+        r->pending = 0;
+        r->done(r, ret < 0 ? ret : -ENOMEM);
+        return;
+    }
+    /* writethrough / directsync: every write is durable when it completes */
+    if (r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
+        (d->opts.cache == VD_CACHE_WRITETHROUGH || d->opts.cache == VD_CACHE_DIRECTSYNC))
+        r->flags |= VD_REQ_FUA;
+    if (gate && d->gated) {
+        int kind = meta_kind(d, r);
+        if (!gate_enter(d, r, kind))
+            return;                 /* started by gate_start */
+        if (kind >= 0) {
+            meta_start(r, kind);
+            return;
+        }
+    }
+    dispatch(r);
+}
+
+void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
+{
+    submit(d, r, true);
 }
