@@ -481,6 +481,11 @@ void vd_loop_submit_io(struct vd_loop *l, struct vd_io *io)
         l->eops->submit(l->engine, io);
 }
 
+void vd_loop_flush(struct vd_loop *l)
+{
+    l->eops->flush(l->engine);
+}
+
 int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
 {
     struct epoll_event ev[64];

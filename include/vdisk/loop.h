@@ -44,6 +44,9 @@ void vd_loop_cancel_timer(struct vd_loop *loop, uint64_t id);
 
 /* Submit host I/O on this loop (must be called on the loop's thread). */
 void vd_loop_submit_io(struct vd_loop *loop, struct vd_io *io);
+/* Push the I/O submitted so far to the kernel now instead of at the end of
+ * this loop iteration (loop thread only). */
+void vd_loop_flush(struct vd_loop *loop);
 
 /* Wait up to timeout_ms (-1 = forever) and process what is ready. */
 int  vd_loop_run_once(struct vd_loop *loop, int timeout_ms);
