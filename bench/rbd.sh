@@ -55,6 +55,8 @@ same=$dir/same.conf
 sed 's/^\[client\]$/[client]\nlibrados thread count = 1/' "$conf" > "$same"
 
 ticks=$(getconf CLK_TCK)
+# "total idle" jiffies of the whole machine (idle + iowait), for the idle share of a case
+idle_now() { awk '/^cpu / { t = 0; for (i = 2; i <= NF; i++) t += $i; print t, $5 + $6; exit }' /proc/stat; }
 cpu_of() { [ -n "$1" ] && [ -r "/proc/$1/stat" ] && awk '{ print $14 + $15 }' "/proc/$1/stat" || echo 0; }
 
 # runfio RW ENGINE-ARGS... : prints "iops client_cpu_s"
@@ -109,7 +111,7 @@ one() {
         for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
         [ -S "$sock" ] || { echo "$tool did not start" >&2; cat "$dir/$tool.log" >&2; exit 1; }
     fi
-    s0=$(cpu_of "$srv"); o0=$(cpu_of "$osd")
+    s0=$(cpu_of "$srv"); o0=$(cpu_of "$osd"); i0=$(idle_now)
     local sp=
     if [ "${SPLIT:-0}" = 1 ] && [ "$RUNTIME" -ge 4 ]; then sample "$srv" & sp=$!; fi
     if [ "$tool" = fio-rbd ]; then
@@ -121,7 +123,8 @@ one() {
     else
         res=$(runfio "$rw" --ioengine=nbd --uri="nbd+unix:///b?socket=$sock")
     fi
-    local scpu ocpu
+    local scpu ocpu idle
+    idle=$(idle_now | awk -v a="$i0" '{ split(a, x, " "); printf "%.0f", ($1 > x[1] ? ($2 - x[2]) * 100 / ($1 - x[1]) : 0) }')
     scpu=$(awk -v a="$(cpu_of "$srv")" -v b="$s0" -v t="$ticks" 'BEGIN { printf "%.2f", (a - b) / t }')
     ocpu=$(awk -v a="$(cpu_of "$osd")" -v b="$o0" -v t="$ticks" 'BEGIN { printf "%.2f", (a - b) / t }')
     local split=
@@ -132,9 +135,10 @@ one() {
     fi
     if [ -n "$srv" ]; then kill "$srv"; wait "$srv" 2>/dev/null || true; fi
     IOPS[$tool.$rw]=${res% *}
-    printf '%-12s %-10s %8d IOPS   cpu: client %6.2fs  server %6.2fs  osd %6.2fs   %5.1f us cpu/IO (client+server)\n' \
+    printf '%-12s %-10s %8d IOPS   cpu: client %6.2fs  server %6.2fs  osd %6.2fs   %5.1f us cpu/IO (client+server)  idle %2d%%\n' \
         "$tool" "$rw" "${res% *}" "${res#* }" "$scpu" "$ocpu" \
-        "$(awk -v c="${res#* }" -v s="$scpu" -v i="${res% *}" -v t="$RUNTIME" 'BEGIN { print (i > 0 ? (c + s) * 1e6 / (i * t) : 0) }')"
+        "$(awk -v c="${res#* }" -v s="$scpu" -v i="${res% *}" -v t="$RUNTIME" 'BEGIN { print (i > 0 ? (c + s) * 1e6 / (i * t) : 0) }')" \
+        "$idle"
     [ -z "$split" ] || echo "    split: $split"
 }
 

@@ -166,6 +166,7 @@ int vd_disk_open(const char *filename, const struct vd_open_opts *o, struct vd_d
         free(d);
         return r;
     }
+    vd_disk_gate_init(d);
     *out = d;
     return 0;
 }
@@ -191,6 +192,7 @@ int vd_disk_close(struct vd_disk *d)
         return 0;
     int r = d->readonly ? 0 : vd_layer_flush_sync(d->top);
     layer_close(d->top);
+    vd_disk_gate_fini(d);
     free(d);
     return r;
 }

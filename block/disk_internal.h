@@ -5,12 +5,29 @@
 
 #include "vdisk/block.h"
 
+struct gate_wait;
+
 struct vd_disk {
     struct vd_layer *top;
     int depth;
     bool readonly;
     struct vd_open_opts opts;
+    /* When a layer's file is remote (rbd:, nbd://), every call into the
+     * formats runs on the worker pool (request.c, "planning on a worker"
+     * and "the gate"), so that no loop thread waits on metadata I/O over
+     * the network or on a layer lock held across it. The format's discard,
+     * zero and flush wait for the requests in flight, run alone, and
+     * requests that arrive meanwhile queue here. */
+    bool gated;
+    pthread_mutex_t gate_lock;
+    int gate_active;            /* requests admitted and not finished */
+    bool gate_meta;             /* a metadata op owns the disk */
+    struct gate_wait *gate_head, **gate_tail;
 };
+
+/* Set up and tear down the gate (vd_disk_open / vd_disk_close). */
+void vd_disk_gate_init(struct vd_disk *d);
+void vd_disk_gate_fini(struct vd_disk *d);
 
 /* One allocation in flight in a layer: allocating writes that touch
  * [start, end) wait until it is committed. */

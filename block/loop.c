@@ -57,6 +57,10 @@ struct vd_loop {
 
     pthread_mutex_t post_lock;
     struct posted *post_head, *post_tail;
+    /* vd_loop_post_node: a lock-free stack (newest first), and whether the
+     * loop is in (or about to enter) a blocking epoll_wait. */
+    _Atomic(struct vd_post_node *) nodes;
+    atomic_bool sleeping;
 
     struct timer *timers;   /* sorted by deadline */
     uint64_t next_timer_id;
@@ -186,6 +190,38 @@ void vd_loop_post(struct vd_loop *l, vd_fn fn, void *opaque)
     pthread_mutex_unlock(&l->post_lock);
     if (was_empty)
         wake(l);
+}
+
+void vd_loop_post_node(struct vd_loop *l, struct vd_post_node *node)
+{
+    struct vd_post_node *head = atomic_load(&l->nodes);
+    do
+        node->next = head;
+    while (!atomic_compare_exchange_weak(&l->nodes, &head, node));
+    /* Sequentially consistent with the loop's store of sleeping and its
+     * load of nodes before it sleeps: either it sees this node, or we see
+     * it sleeping and wake it. A non-empty queue was someone else's wake. */
+    if (!head && atomic_load(&l->sleeping))
+        wake(l);
+}
+
+static int run_nodes(struct vd_loop *l)
+{
+    struct vd_post_node *p = atomic_exchange(&l->nodes, NULL), *fifo = NULL;
+    int n = 0;
+    while (p) {                     /* newest first: reverse */
+        struct vd_post_node *next = p->next;
+        p->next = fifo;
+        fifo = p;
+        p = next;
+    }
+    while (fifo) {
+        struct vd_post_node *next = fifo->next;
+        fifo->fn(fifo->opaque);     /* may free the node */
+        fifo = next;
+        n++;
+    }
+    return n;
 }
 
 static int run_posted(struct vd_loop *l)
@@ -519,19 +555,35 @@ static void poll_adapt(struct vd_loop *l, uint64_t slept)
     }
 }
 
+/* The blocking epoll_wait: posters of nodes wake the loop only while it
+ * sleeps (see vd_loop_post_node). */
+static int sleep_wait(struct vd_loop *l, struct epoll_event *ev, int nev, int timeout_ms)
+{
+    if (timeout_ms != 0) {
+        atomic_store(&l->sleeping, true);
+        if (atomic_load(&l->nodes))
+            timeout_ms = 0;
+    }
+    int n = epoll_wait(l->epfd, ev, nev, timeout_ms);
+    atomic_store(&l->sleeping, false);
+    return n;
+}
+
 /* epoll_wait, polling first when worth it. */
 static int poll_wait(struct vd_loop *l, struct epoll_event *ev, int nev, int timeout_ms)
 {
     bool busy = l->poll_max_ns && timeout_ms != 0 && l->eops->busy && l->eops->busy(l->engine);
     if (!busy)
-        return epoll_wait(l->epfd, ev, nev, timeout_ms);
+        return sleep_wait(l, ev, nev, timeout_ms);
     uint64_t t0 = now_ns(), t = t0;
     uint64_t end = t0 + l->poll_ns;
     if (timeout_ms > 0 && end > t0 + (uint64_t)timeout_ms * 1000000u)
         end = t0 + (uint64_t)timeout_ms * 1000000u;
     while (t < end) {
         int n = epoll_wait(l->epfd, ev, nev, 0);
-        if (n != 0 || atomic_load_explicit(&l->stop, memory_order_relaxed))
+        /* posted nodes do not wake a loop that is not sleeping: look */
+        if (n != 0 || atomic_load_explicit(&l->nodes, memory_order_relaxed) ||
+            atomic_load_explicit(&l->stop, memory_order_relaxed))
             return n;
         t = now_ns();
     }
@@ -539,10 +591,15 @@ static int poll_wait(struct vd_loop *l, struct epoll_event *ev, int nev, int tim
         uint64_t spent_ms = (t - t0) / 1000000u;
         timeout_ms = spent_ms >= (uint64_t)timeout_ms ? 0 : timeout_ms - (int)spent_ms;
     }
-    int n = epoll_wait(l->epfd, ev, nev, timeout_ms);
+    int n = sleep_wait(l, ev, nev, timeout_ms);
     if (n > 0)
         poll_adapt(l, now_ns() - t);
     return n;
+}
+
+void vd_loop_flush(struct vd_loop *l)
+{
+    l->eops->flush(l->engine);
 }
 
 int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
@@ -568,6 +625,8 @@ int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
         return r;
     }
     l->depth++;
+    if (atomic_load_explicit(&l->nodes, memory_order_relaxed))
+        done += run_nodes(l);
     for (int i = 0; i < n; i++) {
         struct watcher *w = ev[i].data.ptr;
         if (w->dead)

@@ -6,8 +6,9 @@
  * rados_conf_set).
  *
  * Data I/O, discard and write-zeroes are asynchronous through librbd's aio calls; the completion
- * callback (on a librbd thread) only records the result and posts the io
- * back to its loop, so no thread is blocked per request. Metadata paths use
+ * callback (on a librbd thread) only records the result and pushes the io
+ * back to its loop (vd_loop_post_node: lock-free, one wake-up per batch),
+ * so no thread is blocked per request. Metadata paths use
  * the synchronous calls. Block status comes from librbd's allocation diff,
  * cached per window. An image opened for writing holds RBD's exclusive lock
  * for as long as it is open, so two hosts never write one image at once.
@@ -882,14 +883,43 @@ static void aio_finish(void *opaque)
     io->done(io, (int)r);
 }
 
+/* One librbd call in flight for an io. Allocated and freed on the io's
+ * loop; librbd's completion thread only fills in ret and pushes the node
+ * (no lock, no allocation there, and one wake-up of the loop per batch of
+ * completions at most). */
+struct rbd_aio {
+    struct vd_post_node node;
+    struct vd_io *io;
+};
+
+static void aio_done(void *opaque)
+{
+    struct rbd_aio *a = opaque;
+    struct vd_io *io = a->io;
+    free(a);
+    aio_finish(io);
+}
+
 /* On a librbd thread: no vdisk state is touched here. */
 static void aio_cb(rbd_completion_t c, void *arg)
 {
-    struct vd_io *io = arg;
+    struct rbd_aio *a = arg;
     ssize_t r = rbd_aio_get_return_value(c);
     rbd_aio_release(c);
-    io->xfer = (uint64_t)(int64_t)r;
-    vd_loop_post(io->loop, aio_finish, io);
+    a->io->xfer = (uint64_t)(int64_t)r;
+    vd_loop_post_node(a->io->loop, &a->node);
+}
+
+/* A completion for io, to pass to one librbd aio call (NULL: out of memory). */
+static struct rbd_aio *aio_new(struct vd_io *io, rbd_completion_t *c)
+{
+    struct rbd_aio *a = malloc(sizeof(*a));
+    if (!a) return NULL;
+    a->node.fn = aio_done;
+    a->node.opaque = a;
+    a->io = io;
+    if (rbd_aio_create_completion(a, aio_cb, c) < 0) { free(a); return NULL; }
+    return a;
 }
 
 static void aio_fail(struct vd_io *io, int r)
@@ -938,9 +968,11 @@ static void submit_zero(struct rbd_state *st, struct vd_io *io)
     if (len > size - off) len = size - off;
     bump(st);
     if (len <= RBD_ZERO_CHUNK) {
-        if ((r = rbd_aio_create_completion(io, aio_cb, &c)) < 0) { aio_fail(io, r); return; }
+        struct rbd_aio *a = aio_new(io, &c);
+        if (!a) { aio_fail(io, -ENOMEM); return; }
         if ((r = rbd_aio_write_zeroes(st->image, off, (size_t)len, c, flags, 0)) < 0) {
             rbd_aio_release(c);
+            free(a);
             aio_fail(io, r);
         }
         return;
@@ -988,14 +1020,15 @@ static void rbd_submit_(struct vd_file *f, struct vd_io *io)
     }
     if (io->op == VD_IO_SYNC && st->readonly) { io->xfer = 0; vd_loop_post(io->loop, aio_finish, io); return; }
     if (io->iovcnt > IOV_MAX) { aio_fail(io, -EINVAL); return; }
-    if ((r = rbd_aio_create_completion(io, aio_cb, &c)) < 0) { aio_fail(io, r); return; }
+    struct rbd_aio *a = aio_new(io, &c);
+    if (!a) { aio_fail(io, -ENOMEM); return; }
     switch (io->op) {
     case VD_IO_READ:  r = rbd_aio_readv(st->image, io->iov, io->iovcnt, io->off, c); break;
     case VD_IO_WRITE: r = rbd_aio_writev(st->image, io->iov, io->iovcnt, io->off, c); break;
     case VD_IO_SYNC:  r = rbd_aio_flush(st->image, c); break;
     default:          r = -EINVAL; break;
     }
-    if (r < 0) { rbd_aio_release(c); aio_fail(io, r); }
+    if (r < 0) { rbd_aio_release(c); free(a); aio_fail(io, r); }
 }
 
 static const struct vd_proto rbd_proto = {

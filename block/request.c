@@ -8,6 +8,7 @@
  * Every request holds one reference for its issuer plus one per sub-op in
  * flight (r->pending); the last one out completes the request. */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include "vdisk/error.h"
@@ -36,26 +37,70 @@ struct waiter {
 
 static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint64_t len, size_t pos);
 static void flush_start(struct vd_req *r);
+static void submit(struct vd_disk *d, struct vd_req *r, bool gate);
+static void gate_leave(struct vd_disk *d);
+static bool gate_enter(struct vd_disk *d, struct vd_req *r, int kind);
+static void meta_start(struct vd_req *r, int kind);
 
-/* ---- references ---- */
+/* core-private bit of r->flags: the request is counted in its disk's gate */
+#define REQ_F_GATED 0x80000000u
+
+/* Planning on a worker (gated disks, below): the job whose host I/O the
+ * loop submits when it is done. */
+struct plan;
+static __thread struct plan *tl_plan;
+static void plan_defer(struct plan *p, struct vd_io *io);
+enum plan_kind { PLAN_READ, PLAN_WRITE, PLAN_RANGE, PLAN_COMMIT };
+struct subio;
+struct waiter;
+static void plan_start(struct vd_req *r, enum plan_kind kind, struct waiter *w, struct subio *s, int res);
+
+/* ---- references ----
+ * Atomic: on a gated disk (below) a worker plans a request while its loop
+ * may finish parts of it that are already in flight. */
+
+static void ref_get(struct vd_req *r)
+{
+    __atomic_add_fetch(&r->pending, 1, __ATOMIC_RELAXED);
+}
+
+static void set_err(struct vd_req *r, int err)
+{
+    int zero = 0;
+    if (err < 0)
+        __atomic_compare_exchange_n(&r->err, &zero, err, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
 
 static void req_finish(struct vd_req *r)
 {
+    struct vd_disk *d = r->disk;
+    bool gated = r->flags & REQ_F_GATED;
     if (r->err == 0 && r->op != VD_OP_FLUSH && (r->flags & VD_REQ_FUA) &&
-        !r->disk->readonly) {
+        !d->readonly) {
         r->flags &= ~VD_REQ_FUA;     /* FUA: a flush after the write, once */
         r->pending = 1;
+        if (gated && d->top->fmt->flush) {
+            /* the format's flush is a metadata op: through the gate again */
+            r->flags &= ~REQ_F_GATED;
+            gate_leave(d);
+            if (gate_enter(d, r, VD_OP_FLUSH))
+                meta_start(r, VD_OP_FLUSH);
+            return;
+        }
         flush_start(r);
         return;
+    }
+    if (gated) {
+        r->flags &= ~REQ_F_GATED;
+        gate_leave(d);
     }
     r->done(r, r->err);
 }
 
 static void req_put(struct vd_req *r, int err)
 {
-    if (err < 0 && r->err == 0)
-        r->err = err;
-    if (--r->pending == 0)
+    set_err(r, err);
+    if (__atomic_sub_fetch(&r->pending, 1, __ATOMIC_ACQ_REL) == 0)
         req_finish(r);
 }
 
@@ -177,6 +222,10 @@ static bool io_aligned(const struct vd_io *io)
 static void submit_host(struct vd_req *r, struct subio *s)
 {
     struct vd_io *io = &s->io;
+    if (tl_plan) {          /* planning on a worker: the loop submits it */
+        plan_defer(tl_plan, io);
+        return;
+    }
     if ((io->op != VD_IO_READ && io->op != VD_IO_WRITE) || io_aligned(io)) {
         vd_loop_submit_io(r->loop, io);
         return;
@@ -230,7 +279,7 @@ static int submit_slice(struct vd_req *r, enum vd_io_op op, struct vd_file *f, u
         return n;
     }
     s->io.iovcnt = n;
-    r->pending++;
+    ref_get(r);
     submit_host(r, s);
     return 0;
 }
@@ -320,6 +369,10 @@ static void waiter_run(void *opaque)
 {
     struct waiter *w = opaque;
     struct vd_req *r = w->r;
+    if (r->disk->gated) {
+        plan_start(r, PLAN_RANGE, w, NULL, 0);
+        return;
+    }
     write_range(r, w->l, w->off, w->len, w->pos);
     free(w);
     req_put(r, 0);       /* the reference the waiter held */
@@ -351,10 +404,9 @@ static void unit_span(const struct vd_layer *l, uint64_t off, uint64_t len, uint
     *e = (off + len + u - 1) / u * u;
 }
 
-static void alloc_write_done(struct vd_io *io, int res)
+/* Link (or undo) an allocation whose data write ended with res. */
+static int alloc_commit(struct subio *s, int res)
 {
-    struct subio *s = (struct subio *)io;
-    struct vd_req *r = s->r;
     struct vd_layer *l = s->l;
     uint64_t us, ue;
     unit_span(l, s->a.fill_off, s->a.fill_len, &us, &ue);
@@ -362,8 +414,18 @@ static void alloc_write_done(struct vd_io *io, int res)
     int c = l->fmt->commit ? l->fmt->commit(l, &s->a, res) : 0;
     inflight_end(l, us);
     pthread_mutex_unlock(&l->lock);
-    if (res == 0)
-        res = c;
+    return res == 0 ? c : res;
+}
+
+static void alloc_write_done(struct vd_io *io, int res)
+{
+    struct subio *s = (struct subio *)io;
+    struct vd_req *r = s->r;
+    if (r->disk->gated && !tl_plan) {
+        plan_start(r, PLAN_COMMIT, NULL, s, res);
+        return;
+    }
+    res = alloc_commit(s, res);
     subio_free(s);
     req_put(r, res);
 }
@@ -420,7 +482,7 @@ static int alloc_write(struct vd_req *r, struct vd_layer *l, const struct vd_all
             s->io.off = a->host_off + head;
         }
     }
-    r->pending++;
+    ref_get(r);
     if (ret < 0) {
         alloc_write_done(&s->io, ret);
         return 0;
@@ -464,7 +526,7 @@ static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint
                 *w = (struct waiter){ .r = r, .l = l, .off = off, .len = len, .pos = pos,
                                       .next = busy->waiters };
                 busy->waiters = w;
-                r->pending++;
+                ref_get(r);
                 pthread_mutex_unlock(&l->lock);
                 return;
             }
@@ -497,8 +559,7 @@ static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint
         len -= n;
         pos += (size_t)n;
     }
-    if (ret < 0 && r->err == 0)
-        r->err = ret;
+    set_err(r, ret);
 }
 
 /* ---- flush, discard, zeroes ---- */
@@ -528,7 +589,7 @@ static void flush_start(struct vd_req *r)
         if (!s)
             ret = -ENOMEM;
         else {
-            r->pending++;
+            ref_get(r);
             submit_host(r, s);
         }
     }
@@ -563,7 +624,8 @@ static void zero_issue(struct zero_state *z)
                                   .iovcnt = 1, .done = zero_next, .opaque = z };
         z->off += n;
         z->completed_inline = false;
-        vd_disk_submit(z->parent->disk, &z->sub);
+        /* part of a request already admitted: not through the gate again */
+        submit(z->parent->disk, &z->sub, false);
         if (!z->completed_inline)
             break;              /* zero_next continues when it completes */
         if (z->res < 0 || z->off >= z->end) {
@@ -627,7 +689,7 @@ static int zero_host(struct vd_req *r, struct vd_layer *l, enum vd_io_op op)
     if (!s)
         return -ENOMEM;
     s->io.len = r->len;
-    r->pending++;
+    ref_get(r);
     submit_host(r, s);
     return 0;
 }
@@ -636,14 +698,13 @@ static void zeroes_fallback(struct vd_req *r)
 {
     struct zero_state *z = calloc(1, sizeof(*z));
     if (!z) {
-        if (r->err == 0)
-            r->err = -ENOMEM;
+        set_err(r, -ENOMEM);
         return;
     }
     z->parent = r;
     z->off = r->off;
     z->end = r->off + r->len;
-    r->pending++;
+    ref_get(r);
     zero_issue(z);
 }
 
@@ -679,14 +740,375 @@ static int discard_start(struct vd_req *r)
     return ret == -ENOTSUP ? 0 : ret;
 }
 
+/* ---- planning on a worker ----
+ * On a gated disk every call into the format (map, alloc, commit, the
+ * copy-on-write reads, compressed units) may be metadata I/O over the
+ * network, so it runs on the worker pool: a request's planning (read_range,
+ * write_range), an allocating write's commit, a write that waited for an
+ * allocation. The host I/O planned there is submitted by the loop when the
+ * job is done (the loop's engine is the loop's alone), and the planning
+ * holds a reference, so nothing of the request completes before it. */
+
+struct plan {
+    struct vd_req *r;
+    enum plan_kind kind;
+    struct waiter *w;           /* PLAN_RANGE */
+    struct subio *s;            /* PLAN_COMMIT */
+    int res;                    /* PLAN_COMMIT: the data write's result, then the commit's */
+    int ret;                    /* PLAN_READ */
+    struct vd_io *deferred, **dtail;
+    int err;                    /* an error seen on the worker, and its message */
+    char msg[512];
+};
+
+static void plan_defer(struct plan *p, struct vd_io *io)
+{
+    io->next = NULL;
+    *p->dtail = io;
+    p->dtail = &io->next;
+}
+
+static void plan_run(void *opaque)
+{
+    struct plan *p = opaque;
+    struct vd_req *r = p->r;
+    vd_err_clear();
+    tl_plan = p;
+    switch (p->kind) {
+    case PLAN_READ:
+        p->ret = read_range(r, r->disk->top, r->off, r->len, 0);
+        break;
+    case PLAN_WRITE:
+        write_range(r, r->disk->top, r->off, r->len, 0);
+        break;
+    case PLAN_RANGE:
+        write_range(r, p->w->l, p->w->off, p->w->len, p->w->pos);
+        free(p->w);
+        break;
+    case PLAN_COMMIT:
+        p->res = alloc_commit(p->s, p->res);
+        break;
+    }
+    tl_plan = NULL;
+    p->err = p->ret < 0 ? p->ret : p->res < 0 ? p->res : __atomic_load_n(&r->err, __ATOMIC_RELAXED);
+    if (p->err < 0)
+        snprintf(p->msg, sizeof(p->msg), "%s", vd_errmsg(p->err));
+}
+
+static void plan_done(void *opaque)
+{
+    struct plan *p = opaque;
+    struct vd_req *r = p->r;
+    if (p->err < 0)
+        vd_err(p->err, "%s", p->msg);
+    for (struct vd_io *io = p->deferred, *next; io; io = next) {
+        next = io->next;
+        io->next = NULL;
+        submit_host(r, (struct subio *)io);
+    }
+    switch (p->kind) {
+    case PLAN_READ:
+        req_put(r, p->ret);
+        break;
+    case PLAN_WRITE:
+    case PLAN_RANGE:
+        req_put(r, 0);              /* the reference of the issuer, or of the waiter */
+        break;
+    case PLAN_COMMIT:
+        subio_free(p->s);
+        req_put(r, p->res);
+        break;
+    }
+    free(p);
+}
+
+static void plan_start(struct vd_req *r, enum plan_kind kind, struct waiter *w, struct subio *s, int res)
+{
+    struct plan *p = calloc(1, sizeof(*p));
+    if (!p)
+        abort();                    /* as vd_loop_post: a lost request would hang its issuer */
+    *p = (struct plan){ .r = r, .kind = kind, .w = w, .s = s, .res = res };
+    p->dtail = &p->deferred;
+    vd_loop_offload(r->loop, plan_run, plan_done, p);
+}
+
+/* ---- the gate: metadata ops of formats on remote files ----
+ *
+ * A format's discard, zero and flush are synchronous and hold the layer
+ * lock; on a remote file (RBD, NBD) each metadata write in them is a
+ * network round trip. They run on the worker pool instead (vd_loop_offload)
+ * and finish on the request's loop. The lock rules stay as they are (the
+ * worker holds layer->lock around the driver call); the gate orders them
+ * with the rest: a metadata op starts only when no other request of the
+ * disk is in flight, and requests submitted while it runs (or waits to run)
+ * queue, in order, and start on their own loops when it is done. Reads and
+ * writes otherwise pass freely, counted (and are planned on workers too). */
+
+struct gate_wait {
+    struct vd_req *r;
+    int kind;                   /* -1: an ordinary request; else the metadata op */
+    struct gate_wait *next;
+};
+
+static bool remote_file(const struct vd_file *f)
+{
+    return f && f->proto && f->proto->submit;
+}
+
+/* Gated: some layer of the chain is on a remote file, except a lone raw
+ * image on a backend that does all of its I/O asynchronously itself. */
+void vd_disk_gate_init(struct vd_disk *d)
+{
+    pthread_mutex_init(&d->gate_lock, NULL);
+    d->gate_tail = &d->gate_head;
+    bool remote = false;
+    for (struct vd_layer *l = d->top; l; l = l->backing)
+        remote |= remote_file(l->file);
+    d->gated = remote && !(!d->top->backing && zero_async(d->top) && !d->top->fmt->flush);
+}
+
+void vd_disk_gate_fini(struct vd_disk *d)
+{
+    pthread_mutex_destroy(&d->gate_lock);
+}
+
+/* The metadata op r needs the worker for (VD_OP_…), or -1. */
+static int meta_kind(const struct vd_disk *d, const struct vd_req *r)
+{
+    const struct vd_layer *l = d->top;
+    switch (r->op) {
+    case VD_OP_FLUSH:
+        return l->fmt->flush ? VD_OP_FLUSH : -1;
+    case VD_OP_DISCARD:
+        return l->discard_unmap && l->fmt->discard && !zero_async(l) ? VD_OP_DISCARD : -1;
+    case VD_OP_WRITE_ZEROES:
+        return l->fmt->zero && !zero_async(l) ? VD_OP_WRITE_ZEROES : -1;
+    default:
+        return -1;
+    }
+}
+
+static void gate_start(void *opaque);
+
+/* Under gate_lock: the waiters that may start now, in order. */
+static struct gate_wait *gate_admit(struct vd_disk *d)
+{
+    struct gate_wait *go = NULL, **tail = &go;
+    while (d->gate_head && !d->gate_meta) {
+        struct gate_wait *w = d->gate_head;
+        if (w->kind >= 0) {
+            if (d->gate_active > 0)
+                break;
+            d->gate_meta = true;
+        } else {
+            d->gate_active++;
+        }
+        d->gate_head = w->next;
+        if (!d->gate_head)
+            d->gate_tail = &d->gate_head;
+        w->next = NULL;
+        *tail = w;
+        tail = &w->next;
+    }
+    return go;
+}
+
+static void gate_run(struct gate_wait *go)
+{
+    while (go) {
+        struct gate_wait *next = go->next;
+        vd_loop_post(go->r->loop, gate_start, go);
+        go = next;
+    }
+}
+
+/* true: r may go now (an ordinary request is counted; a metadata op owns
+ * the disk). false: r waits; gate_start starts it later on r->loop. */
+static bool gate_enter(struct vd_disk *d, struct vd_req *r, int kind)
+{
+    pthread_mutex_lock(&d->gate_lock);
+    bool go = !d->gate_meta && !d->gate_head && (kind < 0 || d->gate_active == 0);
+    if (go) {
+        if (kind >= 0)
+            d->gate_meta = true;
+        else {
+            d->gate_active++;
+            r->flags |= REQ_F_GATED;
+        }
+    } else {
+        struct gate_wait *w = malloc(sizeof(*w));
+        if (!w)
+            abort();            /* as vd_loop_post: losing a request would be worse */
+        *w = (struct gate_wait){ .r = r, .kind = kind };
+        *d->gate_tail = w;
+        d->gate_tail = &w->next;
+    }
+    pthread_mutex_unlock(&d->gate_lock);
+    return go;
+}
+
+static void gate_leave(struct vd_disk *d)
+{
+    pthread_mutex_lock(&d->gate_lock);
+    d->gate_active--;
+    struct gate_wait *go = gate_admit(d);
+    pthread_mutex_unlock(&d->gate_lock);
+    gate_run(go);
+}
+
+/* The metadata op of r is done: r carries on as an ordinary request. */
+static void gate_meta_end(struct vd_req *r)
+{
+    struct vd_disk *d = r->disk;
+    pthread_mutex_lock(&d->gate_lock);
+    d->gate_meta = false;
+    d->gate_active++;
+    r->flags |= REQ_F_GATED;
+    struct gate_wait *go = gate_admit(d);
+    pthread_mutex_unlock(&d->gate_lock);
+    gate_run(go);
+}
+
+struct meta_job {
+    struct vd_req *r;
+    int kind;
+    int ret;
+    char msg[512];              /* the worker's error message, for the loop's thread */
+};
+
+/* On a worker: the format's synchronous op, under the layer lock. */
+static void meta_run(void *opaque)
+{
+    struct meta_job *j = opaque;
+    struct vd_req *r = j->r;
+    struct vd_layer *l = r->disk->top;
+    vd_err_clear();
+    pthread_mutex_lock(&l->lock);
+    switch (j->kind) {
+    case VD_OP_DISCARD:
+        j->ret = l->fmt->discard(l, r->off, r->len, 0);
+        break;
+    case VD_OP_WRITE_ZEROES:
+        j->ret = l->fmt->zero(l, r->off, r->len, r->flags & (VD_REQ_MAY_UNMAP | VD_REQ_FAST_ZERO));
+        break;
+    default:
+        j->ret = l->fmt->flush(l);
+        break;
+    }
+    pthread_mutex_unlock(&l->lock);
+    if (j->ret < 0)
+        snprintf(j->msg, sizeof(j->msg), "%s", vd_errmsg(j->ret));
+}
+
+/* On r's loop: finish what the op started, as the synchronous path does. */
+static void meta_done(void *opaque)
+{
+    struct meta_job *j = opaque;
+    struct vd_req *r = j->r;
+    int ret = j->ret, kind = j->kind;
+    if (ret < 0 && ret != -ENOTSUP)
+        vd_err(ret, "%s", j->msg);
+    free(j);
+    gate_meta_end(r);
+    switch (kind) {
+    case VD_OP_DISCARD:
+        if (ret == -ENOTSUP)
+            ret = 0;                /* advisory */
+        break;
+    case VD_OP_WRITE_ZEROES:
+        if (ret == -ENOTSUP && !(r->flags & VD_REQ_FAST_ZERO)) {
+            zeroes_fallback(r);     /* write zeros instead */
+            ret = 0;
+        }
+        break;
+    default:                        /* the metadata is out: sync the file */
+        if (ret == 0) {
+            struct subio *s = subio_new(r, VD_IO_SYNC, r->disk->top->file, 0, sync_done);
+            if (!s)
+                ret = -ENOMEM;
+            else {
+                ref_get(r);
+                submit_host(r, s);
+            }
+        }
+        break;
+    }
+    req_put(r, ret);
+}
+
+/* r owns the disk (gate_enter said so) and holds one reference. */
+static void meta_start(struct vd_req *r, int kind)
+{
+    struct meta_job *j = calloc(1, sizeof(*j));
+    if (!j) {
+        gate_meta_end(r);
+        req_put(r, -ENOMEM);
+        return;
+    }
+    j->r = r;
+    j->kind = kind;
+    vd_loop_offload(r->loop, meta_run, meta_done, j);
+}
+
 /* ---- submission ---- */
 
-void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
+/* The work of a request that may start now. */
+static void dispatch(struct vd_req *r)
+{
+    struct vd_disk *d = r->disk;
+    int ret = 0;
+    switch (r->op) {
+    case VD_OP_READ:
+        if (d->gated) {
+            plan_start(r, PLAN_READ, NULL, NULL, 0);
+            return;
+        }
+        ret = read_range(r, d->top, r->off, r->len, 0);
+        break;
+    case VD_OP_WRITE:
+        if (d->gated) {
+            plan_start(r, PLAN_WRITE, NULL, NULL, 0);
+            return;
+        }
+        write_range(r, d->top, r->off, r->len, 0);
+        break;
+    case VD_OP_FLUSH:
+        ref_get(r);
+        flush_start(r);
+        break;
+    case VD_OP_DISCARD:
+        ret = discard_start(r);
+        break;
+    case VD_OP_WRITE_ZEROES:
+        ret = zeroes_start(r);
+        break;
+    default:
+        ret = -EINVAL;
+    }
+    req_put(r, ret);
+}
+
+static void gate_start(void *opaque)
+{
+    struct gate_wait *w = opaque;
+    struct vd_req *r = w->r;
+    int kind = w->kind;
+    free(w);
+    if (kind >= 0)
+        meta_start(r, kind);
+    else {
+        r->flags |= REQ_F_GATED;
+        dispatch(r);
+    }
+}
+
+static void submit(struct vd_disk *d, struct vd_req *r, bool gate)
 {
     r->disk = d;
     r->loop = vd_loop_current();
     r->err = 0;
     r->pending = 1;
+    r->flags &= ~REQ_F_GATED;
     int ret = 0;
     uint64_t size = d->top->size;
     if (r->op != VD_OP_FLUSH && (r->off > size || r->len > size - r->off))
@@ -700,29 +1122,24 @@ void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
         r->done(r, ret < 0 ? ret : -ENOMEM);
         return;
     }
-    /* writethrough / directsync: every write is durable when it completes */
-    if (r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
+    /* writethrough / directsync: every write is durable when it completes
+     * (the parts of a request, submitted ungated, leave that to it) */
+    if (gate && r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
         (d->opts.cache == VD_CACHE_WRITETHROUGH || d->opts.cache == VD_CACHE_DIRECTSYNC))
         r->flags |= VD_REQ_FUA;
-    switch (r->op) {
-    case VD_OP_READ:
-        ret = read_range(r, d->top, r->off, r->len, 0);
-        break;
-    case VD_OP_WRITE:
-        write_range(r, d->top, r->off, r->len, 0);
-        break;
-    case VD_OP_FLUSH:
-        r->pending++;
-        flush_start(r);
-        break;
-    case VD_OP_DISCARD:
-        ret = discard_start(r);
-        break;
-    case VD_OP_WRITE_ZEROES:
-        ret = zeroes_start(r);
-        break;
-    default:
-        ret = -EINVAL;
+    if (gate && d->gated) {
+        int kind = meta_kind(d, r);
+        if (!gate_enter(d, r, kind))
+            return;                 /* started by gate_start */
+        if (kind >= 0) {
+            meta_start(r, kind);
+            return;
+        }
     }
-    req_put(r, ret);
+    dispatch(r);
+}
+
+void vd_disk_submit(struct vd_disk *d, struct vd_req *r)
+{
+    submit(d, r, true);
 }

@@ -25,12 +25,28 @@ void vd_loop_del_fd(struct vd_loop *loop, int fd);
 
 /* Thread-safe: run fn(opaque) on the loop's thread soon. */
 void vd_loop_post(struct vd_loop *loop, vd_fn fn, void *opaque);
+/* A posted call that needs no allocation and no lock, for completions
+ * handed over from other threads (librbd's callbacks, worker threads): the
+ * caller owns the node (embedded in the object it concerns) until fn runs. */
+struct vd_post_node {
+    vd_fn fn;
+    void *opaque;
+    struct vd_post_node *next;      /* loop-private */
+};
+/* Thread-safe: run node->fn(node->opaque) on the loop's thread soon. Nodes
+ * pushed by one thread run in the order pushed. Only a push that finds the
+ * queue empty while the loop sleeps wakes it (one eventfd write): a burst of
+ * completions costs one wake-up, and none while the loop is busy anyway. */
+void vd_loop_post_node(struct vd_loop *loop, struct vd_post_node *node);
 /* One-shot timer on the loop's thread; returns an id for vd_loop_cancel_timer. */
 uint64_t vd_loop_timer(struct vd_loop *loop, uint64_t ms, vd_fn fn, void *opaque);
 void vd_loop_cancel_timer(struct vd_loop *loop, uint64_t id);
 
 /* Submit host I/O on this loop (must be called on the loop's thread). */
 void vd_loop_submit_io(struct vd_loop *loop, struct vd_io *io);
+/* Push the I/O submitted so far to the kernel now instead of at the end of
+ * this loop iteration (loop thread only). */
+void vd_loop_flush(struct vd_loop *loop);
 
 /* Wait up to timeout_ms (-1 = forever) and process what is ready. */
 int  vd_loop_run_once(struct vd_loop *loop, int timeout_ms);

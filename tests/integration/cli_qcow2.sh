@@ -148,3 +148,11 @@ a=$("$VDISK" map --output=json cc.qcow2); b=$(qemu-img map --output=json cc.qcow
 [ "$a" = "$b" ] && ok "map --output=json with a compressed cluster" || fail "map --output=json with a compressed cluster" "$a"
 out=$("$VDISK" map cc.qcow2 2>&1); rc=$?
 [ $rc -eq 1 ] && grep -q "compressed clusters" <<<"$out" && ok "human map refuses compressed clusters" || fail "human map refuses compressed clusters" "$rc: $out"
+
+# a backing name with a colon is still a local path, relative to the image's folder
+mkdir -p sub && head -c 1M /dev/urandom > "sub/a:b.raw"
+check "create -b with a colon in a relative backing name" "$VDISK" create -q -f qcow2 -b "a:b.raw" -F raw sub/colon.qcow2
+check "convert reads through a relative backing name with a colon" "$VDISK" convert -O raw sub/colon.qcow2 colon.raw
+cmp -s colon.raw "sub/a:b.raw" && ok "data through the colon-named backing file" || fail "data through the colon-named backing file"
+[ "$(qemu-img info --output=json sub/colon.qcow2 | jq -r '.["backing-filename"]')" = "a:b.raw" ] \
+    && ok "backing name recorded as given" || fail "backing name recorded as given"

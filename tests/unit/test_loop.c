@@ -78,6 +78,87 @@ static void post_threads(void **s)
     vd_loop_free(c.loop);
 }
 
+/* vd_loop_post_node: lock-free pushes from several threads, each thread's
+ * nodes run in order on the loop thread, and no wake-up is lost (the loop
+ * waits with a long timeout: a lost wake-up shows as a wait that ends with
+ * nothing done). */
+struct node_ctx {
+    struct vd_loop *loop;
+    pthread_t loop_thread;
+    int left;
+    bool wrong_thread, out_of_order;
+};
+
+struct node_item {
+    struct vd_post_node node;
+    struct node_ctx *c;
+    int *last;              /* the poster's last sequence number run */
+    int seq;
+};
+
+static void node_run(void *opaque)
+{
+    struct node_item *it = opaque;
+    struct node_ctx *c = it->c;
+    if (!pthread_equal(pthread_self(), c->loop_thread))
+        c->wrong_thread = true;
+    if (it->seq != *it->last + 1)
+        c->out_of_order = true;
+    *it->last = it->seq;
+    c->left--;
+}
+
+struct node_poster {
+    struct node_ctx *c;
+    struct node_item items[POSTS];
+    int last;
+};
+
+static void *node_poster_run(void *arg)
+{
+    struct node_poster *p = arg;
+    for (int i = 0; i < POSTS; i++) {
+        p->items[i] = (struct node_item){ .c = p->c, .last = &p->last, .seq = i };
+        p->items[i].node.fn = node_run;
+        p->items[i].node.opaque = &p->items[i];
+        vd_loop_post_node(p->c->loop, &p->items[i].node);
+        if (i % 64 == 0)
+            usleep(50);     /* let the loop go to sleep now and then */
+    }
+    return NULL;
+}
+
+static void post_node_threads(void **s)
+{
+    struct node_ctx c = { .loop_thread = pthread_self(), .left = POSTERS * POSTS };
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &c.loop), 0);
+    struct node_poster *p = calloc(POSTERS, sizeof(*p));
+    assert_non_null(p);
+    pthread_t t[POSTERS];
+    for (int i = 0; i < POSTERS; i++) {
+        p[i].c = &c;
+        p[i].last = -1;
+        assert_int_equal(pthread_create(&t[i], NULL, node_poster_run, &p[i]), 0);
+    }
+    bool lost = false;
+    while (c.left > 0 && !lost) {
+        /* 0 also comes back when a signal interrupts the wait: only a
+         * wait that ran its whole course with work queued is a lost wake */
+        uint64_t t0 = ms_now();
+        lost = vd_loop_run_once(c.loop, 20000) == 0 && c.left > 0 && ms_now() - t0 >= 19000;
+    }
+    for (int i = 0; i < POSTERS; i++)
+        pthread_join(t[i], NULL);
+    assert_false(lost);
+    assert_int_equal(c.left, 0);
+    assert_false(c.wrong_thread);
+    assert_false(c.out_of_order);
+    for (int i = 0; i < POSTERS; i++)
+        assert_int_equal(p[i].last, POSTS - 1);
+    free(p);
+    vd_loop_free(c.loop);
+}
+
 /* ---- stop from another thread ---- */
 
 static void *stopper(void *arg)
@@ -595,6 +676,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(post_threads),
+        cmocka_unit_test(post_node_threads),
         cmocka_unit_test(stop_thread),
         cmocka_unit_test(timers),
         cmocka_unit_test(timer_rearm),

@@ -325,7 +325,9 @@ char *vd_cli_backing_path(const char *image, const char *backing)
 {
     const char *slash = strrchr(image, '/');
     char *out;
-    if (backing[0] == '/' || strstr(backing, "://") || strchr(backing, ':') || !slash || strstr(image, "://"))
+    /* A backing name is relative to the image's folder only when both are
+     * local paths; protocol names (nbd://, rbd:) stand on their own. */
+    if (backing[0] == '/' || !vd_file_name_is_local(backing) || !slash || strstr(image, "://"))
         return strdup(backing);
     if (asprintf(&out, "%.*s/%s", (int)(slash - image), image, backing) < 0)
         return NULL;
