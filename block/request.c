@@ -824,30 +824,34 @@ static void plan_done(void *opaque)
     free(p);
 }
 
-/* One worker job plans whatever the disk's queue holds, batch after batch,
- * until it finds the queue empty: under load a wake-up of a worker serves
- * many requests (planning is serialised by the layer lock anyway), and each
- * goes back to its loop through a node (no lock, no wake-up of a loop that
- * is awake). */
+/* One worker job plans what the disk's queue holds: under load a wake-up
+ * of a worker serves many requests (planning is serialised by the layer
+ * lock anyway), and each goes back to its loop through a node (no lock, no
+ * wake-up of a loop that is awake). What arrived meanwhile is the next
+ * job's, queued behind the pool's other work, so that a busy disk never
+ * keeps a worker from everyone else. */
 static void planner(void *opaque)
 {
     struct vd_disk *d = opaque;
-    for (;;) {
-        pthread_mutex_lock(&d->gate_lock);
-        struct plan *p = d->plan_head;
-        d->plan_head = NULL;
-        d->plan_tail = &d->plan_head;
-        if (!p)
-            d->planning = false;
-        pthread_mutex_unlock(&d->gate_lock);
-        if (!p)
-            return;
-        while (p) {
-            struct plan *next = p->qnext;
-            plan_run(p);
-            vd_loop_post_node(p->r->loop, &p->node);
-            p = next;
-        }
+    pthread_mutex_lock(&d->gate_lock);
+    struct plan *p = d->plan_head;
+    d->plan_head = NULL;
+    d->plan_tail = &d->plan_head;
+    pthread_mutex_unlock(&d->gate_lock);
+    for (struct plan *q = p; q; q = q->qnext)
+        plan_run(q);
+    pthread_mutex_lock(&d->gate_lock);
+    struct vd_loop *again = d->plan_head ? d->plan_head->r->loop : NULL;
+    d->planning = again != NULL;
+    pthread_mutex_unlock(&d->gate_lock);
+    if (again)
+        vd_loop_offload(again, planner, NULL, d);
+    /* Last: once these are back, their requests may end and the disk
+     * with them (d is not touched after this). */
+    while (p) {
+        struct plan *next = p->qnext;
+        vd_loop_post_node(p->r->loop, &p->node);
+        p = next;
     }
 }
 
