@@ -6,6 +6,7 @@
 #include "vdisk/block.h"
 
 struct gate_wait;
+struct plan;
 
 struct vd_disk {
     struct vd_layer *top;
@@ -23,6 +24,8 @@ struct vd_disk {
     int gate_active;            /* requests admitted and not finished */
     bool gate_meta;             /* a metadata op owns the disk */
     struct gate_wait *gate_head, **gate_tail;
+    struct plan *plan_head, **plan_tail;    /* planning queue, under gate_lock */
+    bool planning;              /* a worker job is draining it */
 };
 
 /* Set up and tear down the gate (vd_disk_open / vd_disk_close). */

@@ -750,6 +750,8 @@ static int discard_start(struct vd_req *r)
  * holds a reference, so nothing of the request completes before it. */
 
 struct plan {
+    struct plan *qnext;         /* the disk's planning queue */
+    struct vd_post_node node;   /* back to r's loop: plan_done */
     struct vd_req *r;
     enum plan_kind kind;
     struct waiter *w;           /* PLAN_RANGE */
@@ -822,14 +824,55 @@ static void plan_done(void *opaque)
     free(p);
 }
 
+/* One worker job plans what the disk's queue holds: under load a wake-up
+ * of a worker serves many requests (planning is serialised by the layer
+ * lock anyway), and each goes back to its loop through a node (no lock, no
+ * wake-up of a loop that is awake). What arrived meanwhile is the next
+ * job's, queued behind the pool's other work, so that a busy disk never
+ * keeps a worker from everyone else. */
+static void planner(void *opaque)
+{
+    struct vd_disk *d = opaque;
+    pthread_mutex_lock(&d->gate_lock);
+    struct plan *p = d->plan_head;
+    d->plan_head = NULL;
+    d->plan_tail = &d->plan_head;
+    pthread_mutex_unlock(&d->gate_lock);
+    for (struct plan *q = p; q; q = q->qnext)
+        plan_run(q);
+    pthread_mutex_lock(&d->gate_lock);
+    struct vd_loop *again = d->plan_head ? d->plan_head->r->loop : NULL;
+    d->planning = again != NULL;
+    pthread_mutex_unlock(&d->gate_lock);
+    if (again)
+        vd_loop_offload(again, planner, NULL, d);
+    /* Last: once these are back, their requests may end and the disk
+     * with them (d is not touched after this). */
+    while (p) {
+        struct plan *next = p->qnext;
+        vd_loop_post_node(p->r->loop, &p->node);
+        p = next;
+    }
+}
+
 static void plan_start(struct vd_req *r, enum plan_kind kind, struct waiter *w, struct subio *s, int res)
 {
+    struct vd_disk *d = r->disk;
     struct plan *p = calloc(1, sizeof(*p));
     if (!p)
         abort();                    /* as vd_loop_post: a lost request would hang its issuer */
     *p = (struct plan){ .r = r, .kind = kind, .w = w, .s = s, .res = res };
     p->dtail = &p->deferred;
-    vd_loop_offload(r->loop, plan_run, plan_done, p);
+    p->node.fn = plan_done;
+    p->node.opaque = p;
+    pthread_mutex_lock(&d->gate_lock);
+    *d->plan_tail = p;
+    d->plan_tail = &p->qnext;
+    bool start = !d->planning;
+    d->planning = true;
+    pthread_mutex_unlock(&d->gate_lock);
+    if (start)
+        vd_loop_offload(r->loop, planner, NULL, d);
 }
 
 /* ---- the gate: metadata ops of formats on remote files ----
@@ -861,6 +904,7 @@ void vd_disk_gate_init(struct vd_disk *d)
 {
     pthread_mutex_init(&d->gate_lock, NULL);
     d->gate_tail = &d->gate_head;
+    d->plan_tail = &d->plan_head;
     bool remote = false;
     for (struct vd_layer *l = d->top; l; l = l->backing)
         remote |= remote_file(l->file);
