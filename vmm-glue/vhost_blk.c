@@ -640,6 +640,7 @@ int vd_vhost_blk_new(struct vd_disk *d, const char *socket_path,
         return vd_err(-EINVAL, "%s: logical block size must be 512 or 4096", socket_path);
     if (o.serial && strlen(o.serial) > VIRTIO_BLK_ID_BYTES)
         return vd_err(-EINVAL, "%s: serial is longer than %d bytes", socket_path, VIRTIO_BLK_ID_BYTES);
+    if (!o.submit_batch) o.submit_batch = VHB_SUBMIT_BATCH;
     long cpus = sysconf(_SC_NPROCESSORS_ONLN);
     if (!o.nthreads) o.nthreads = o.num_queues < (unsigned)(cpus > 0 ? cpus : 1) ? o.num_queues : (unsigned)cpus;
     if (o.nthreads > o.num_queues) o.nthreads = o.num_queues;

@@ -18,6 +18,10 @@ struct vd_vhost_blk_opts {
     bool readonly;          /* offer VIRTIO_BLK_F_RO and refuse writes */
     const char *serial;     /* VIRTIO_BLK_T_GET_ID answer (up to 20 bytes); NULL: none */
     uint32_t logical_block_size;   /* 512 (default) or 4096 */
+    /* Requests taken from the avail ring between two submissions to the
+     * kernel (0: VHB_SUBMIT_BATCH; UINT32_MAX: one submission per loop
+     * iteration). See vhost_blk_queue.c, process(). */
+    uint32_t submit_batch;
     /* Called on the queue's thread for each disk request that finished
      * (op, bytes, latency in ns, 0 or -errno); NULL: none. */
     void (*stat)(void *opaque, enum vd_op op, uint64_t bytes, uint64_t ns, int res);

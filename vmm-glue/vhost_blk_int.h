@@ -17,6 +17,7 @@
 #define VHB_MAX_QUEUES 64
 #define VHB_SEG_MAX    254                  /* data segments a request may have */
 #define VHB_IOV_CAP    (VHB_SEG_MAX + 18)   /* + header, status, region splits */
+#define VHB_SUBMIT_BATCH 4                  /* default vd_vhost_blk_opts.submit_batch */
 
 struct vhb_queue;
 

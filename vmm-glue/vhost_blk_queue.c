@@ -290,10 +290,19 @@ static void handle(struct vhb_queue *q, uint16_t head)
     complete(r, VIRTIO_BLK_S_IOERR);
 }
 
+/* Drain the avail ring. The requests are pushed to the kernel every
+ * submit_batch requests rather than all at the end: a front-end resubmits
+ * a whole batch of completions at once (32 at QD32), and one io_uring_enter
+ * for all of them holds the device idle until the last is prepared, then
+ * hands it 32 requests that complete together, so the next batch is as
+ * large: the queue moves as one convoy. Measured on a virtio disk, 4 KiB
+ * QD32 on one queue (bench/RESULTS.md, "Latency round"): randwrite +50 %,
+ * randread +15 %, for a few more syscalls. */
 static void process(struct vhb_queue *q)
 {
     uint16_t head;
     int rc;
+    uint32_t n = 0, batch = q->b->o.submit_batch;
 
     if (!q->mt || !q->q_enabled || q->stopping || q->vq.broken) return;
     q->in_process = true;
@@ -301,6 +310,10 @@ static void process(struct vhb_queue *q)
         while ((rc = virtq_pop(&q->vq, &head)) > 0) {
             handle(q, head);
             if (q->vq.broken) break;
+            if (++n == batch) {
+                vd_loop_flush(q->loop);
+                n = 0;
+            }
         }
         if (rc < 0 || q->vq.broken) {
             report_broken(q, "the driver broke the ring (bad available index or head)");

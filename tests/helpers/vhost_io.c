@@ -94,7 +94,7 @@ static bool check_pattern(uint64_t off, uint64_t len, const uint8_t *p)
 
 /* ---- the job engine: slots per queue, each with a buffer ---- */
 
-struct slot { enum vd_vhu_op op; uint64_t off; uint32_t len; uint8_t *buf; bool verify, busy, zero; };
+struct slot { enum vd_vhu_op op; uint64_t off; uint32_t len; uint8_t *buf; bool verify, busy, zero, filled; };
 static struct slot *slots;            /* queues * qd */
 static uint64_t cursor, end, issued, done_ops, done_bytes;
 static double deadline;
@@ -131,7 +131,13 @@ static bool next_req(struct slot *s)
         break;
     }
     s->verify = cfg.mode == M_VERIFY;
-    if (s->op == VD_VHU_WRITE) pattern(s->off, s->len, s->buf);
+    /* Timed writes are never read back: fill each buffer once, as fio does
+     * (no refill_buffers), so that generating data is not on the path
+     * between a completion and the next submission. */
+    if (s->op == VD_VHU_WRITE && !(timed && s->filled)) {
+        pattern(s->off, s->len, s->buf);
+        s->filled = timed;
+    }
     return true;
 }
 

@@ -99,6 +99,22 @@ check "vdisk: read-only export reads" "$IO" --mode seqread --runtime 0.2 --queue
 check_fails "vdisk: read-only export refuses writes" "$IO" --mode fill --queues 1 --qd 4 --bs 4K "$T/ro.sock"
 stop_pid "$T/ro.sock.pid"
 
+# submit-batch: requests pushed to the kernel every N taken (1: each one;
+# 0: one submission per wake-up); deep queues so that a wake-up takes many
+truncate -s 16M "$T/sb.raw"
+for sb in 1 0; do
+    start_vdisk "$T/sb.raw" "$T/sb$sb.sock" "num-queues=2,submit-batch=$sb"
+    check "vdisk submit-batch=$sb: fill over 2 queues at depth 64" \
+        "$IO" --mode fill --queues 2 --qd 64 --bs 4K --seed $((30 + sb)) "$T/sb$sb.sock"
+    check "vdisk submit-batch=$sb: verify over 2 queues at depth 64" \
+        "$IO" --mode verify --queues 2 --qd 64 --bs 8K --seed $((30 + sb)) "$T/sb$sb.sock"
+    check "vdisk submit-batch=$sb: timed random writes" \
+        "$IO" --mode randwrite --runtime 0.3 --queues 1 --qd 32 --bs 4K "$T/sb$sb.sock"
+    stop_pid "$T/sb$sb.sock.pid"
+done
+check_fails "vdiskd refuses submit-batch=5000" "$VDISKD" --nbd "unix:$T/sbx.nbd" \
+    --export "type=vhost-user-blk,name=x,file=$T/sb.raw,format=raw,socket=$T/sbx.sock,submit-batch=5000"
+
 # the same front-end against qemu-storage-daemon
 if command -v qemu-storage-daemon > /dev/null; then
     truncate -s 64M "$T/q.raw"

@@ -1,7 +1,10 @@
 /* vdiskd export type "vhost-user-blk": serves an export's disk to one
  * vhost-user front-end (a VM) on a unix socket:
  *   --export type=vhost-user-blk,name=N,file=F,socket=PATH[,num-queues=N]
- *            [,threads=N][,serial=S][,logical-block-size=512|4096][,format=..][,cache=..]
+ *            [,threads=N][,serial=S][,logical-block-size=512|4096][,submit-batch=N]
+ *            [,format=..][,cache=..]
+ *   submit-batch: requests taken from a queue between two submissions to
+ *   the kernel (default 4; 0: all of them, one submission per wake-up)
  * The back-end itself is vmm-glue/vhost_blk.c. Control command:
  *   vhost-user-blk-resize {"name": N, "size": BYTES}: resize the export's
  *   disk and tell the front-end (a config change the guest sees at once). */
@@ -26,15 +29,18 @@ static void stat_cb(void *opaque, enum vd_op op, uint64_t bytes, uint64_t ns, in
 static int vhost_start(struct vd_export *e)
 {
     struct vd_vhost_blk_opts o = { .readonly = e->readonly, .stat = stat_cb, .stat_opaque = e };
-    uint64_t nq = 1, threads = 0, lbs = 512;
+    uint64_t nq = 1, threads = 0, lbs = 512, batch = 4;
     const char *sock = vd_opts_get(&e->opts, "socket"), *s;
     int r;
     if (!sock || !sock[0])
         return vd_err(-EINVAL, "type=vhost-user-blk needs socket=PATH");
     if ((r = vd_opts_get_u64(&e->opts, "num-queues", &nq)) < 0 ||
         (r = vd_opts_get_u64(&e->opts, "threads", &threads)) < 0 ||
-        (r = vd_opts_get_size(&e->opts, "logical-block-size", &lbs)) < 0)
+        (r = vd_opts_get_size(&e->opts, "logical-block-size", &lbs)) < 0 ||
+        (r = vd_opts_get_u64(&e->opts, "submit-batch", &batch)) < 0)
         return r;
+    if (batch > 1024)
+        return vd_err(-EINVAL, "submit-batch=%llu: expected 0 to 1024", (unsigned long long)batch);
     if (nq < 1 || nq > 64)
         return vd_err(-EINVAL, "num-queues=%llu: expected 1 to 64", (unsigned long long)nq);
     if (threads > 64)
@@ -51,6 +57,7 @@ static int vhost_start(struct vd_export *e)
     o.num_queues = nq;
     o.nthreads = threads;
     o.logical_block_size = lbs;
+    o.submit_batch = batch ? (uint32_t)batch : UINT32_MAX;
     struct vd_vhost_blk *b;
     if ((r = vd_vhost_blk_new(e->disk, sock, &o, &b)) < 0)
         return r;
