@@ -27,7 +27,7 @@ CFLAGS  ?= -O2 -g
 BASE_CFLAGS := -std=gnu11 $(WARN) -D_GNU_SOURCE -D_FILE_OFFSET_BITS=64 -Iinclude -I. -fPIC -pthread \
                -DVDISK_VERSION=\"$(VERSION)\"
 LIBS    := -luring -laio -lzstd -lz -ldeflate -ljansson -lcrypto -lssl -lnbd -lpthread -lm
-LIBS    += -lrbd -lrados   # Ceph RBD backend (block/proto_rbd.c); no pkg-config file
+# librbd / librados (block/proto_rbd.c) are opened on first use by block/rbd_dl.c
 ifeq ($(SAN),1)
   CFLAGS  := -O1 -g -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined
   LDFLAGS += -fsanitize=address,undefined

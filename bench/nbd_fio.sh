@@ -10,7 +10,8 @@
 #   RUNTIME=seconds per job (default 10), BENCH_DIR=where the images go,
 #   SETUPS="buf direct qcow2" and JOBS="randread randwrite seqread" (default
 #   all) to run a subset, REPEAT=n to run everything n times (servers
-#   interleaved) and report medians
+#   interleaved) and report medians; VDISK_POLL_NS=0 runs vdiskd without
+#   polling (see docs/engines.md)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VDISKD=${VDISKD:-$PWD/build/bin/vdiskd}
@@ -78,6 +79,7 @@ nbd_run() {
         split(o, f, " "); ops = f[1] * (rt + 1); printf "%s %s %.1f", f[1], f[2], (ops > 0 ? d * 1e6 / hz / ops : 0) }'
 }
 
+load_start=$(cut -d' ' -f1-3 /proc/loadavg)
 SETUPS=${SETUPS:-buf direct qcow2}
 JOBS=${JOBS:-randread seqread randwrite}
 REPEAT=${REPEAT:-1}
@@ -169,4 +171,4 @@ for j in randread randwrite seqread; do
     echo "| qcow2 O_DIRECT | $j | $(cpu qcow2,vdiskd,$j) | $(cpu qcow2,qemu-nbd,$j) | - |"
 done
 echo
-echo "load average during the run: $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "load average at the start: $load_start, at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -6,22 +6,26 @@
 #include "vdisk/block.h"
 
 struct gate_wait;
+struct plan;
 
 struct vd_disk {
     struct vd_layer *top;
     int depth;
     bool readonly;
     struct vd_open_opts opts;
-    /* When the top layer's file is remote (rbd:, nbd://), the format's
-     * discard, zero and flush run on the worker pool (request.c, "gate"):
-     * such a metadata op waits for the requests in flight on the disk, runs
-     * alone, and requests that arrive meanwhile queue here, so that no loop
-     * thread ever waits for the layer lock across a network round trip. */
+    /* When a layer's file is remote (rbd:, nbd://), every call into the
+     * formats runs on the worker pool (request.c, "planning on a worker"
+     * and "the gate"), so that no loop thread waits on metadata I/O over
+     * the network or on a layer lock held across it. The format's discard,
+     * zero and flush wait for the requests in flight, run alone, and
+     * requests that arrive meanwhile queue here. */
     bool gated;
     pthread_mutex_t gate_lock;
     int gate_active;            /* requests admitted and not finished */
     bool gate_meta;             /* a metadata op owns the disk */
     struct gate_wait *gate_head, **gate_tail;
+    struct plan *plan_head, **plan_tail;    /* planning queue, under gate_lock */
+    bool planning;              /* a worker job is draining it */
 };
 
 /* Set up and tear down the gate (vd_disk_open / vd_disk_close). */

@@ -246,6 +246,12 @@ static int a_reap(struct vd_engine *e)
     return done;
 }
 
+static bool a_busy(struct vd_engine *e)
+{
+    struct naio *a = (struct naio *)e;
+    return a->inflight || a->nbatch || a->wait_head;
+}
+
 const struct vd_engine_ops vd_engine_aio = {
     .name = "native",
     .init = a_init,
@@ -254,4 +260,5 @@ const struct vd_engine_ops vd_engine_aio = {
     .submit = a_submit,
     .flush = a_flush,
     .reap = a_reap,
+    .busy = a_busy,
 };

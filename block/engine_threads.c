@@ -36,6 +36,7 @@ struct tpool {
     unsigned ntodo, nidle, nstarting, nthreads;
     bool stop;
     int efd;
+    unsigned pending;       /* submitted, not yet reaped (loop thread only) */
     pthread_t threads[MAX_WORKERS];
 };
 
@@ -122,6 +123,7 @@ static void t_submit(struct vd_engine *e, struct vd_io *io)
 {
     struct tpool *t = (struct tpool *)e;
     vd_io_begin(io);
+    t->pending++;
     list_add(&t->local, io);
 }
 
@@ -176,11 +178,17 @@ static int t_reap(struct vd_engine *e)
     while (io) {
         struct vd_io *next = io->next;
         io->next = NULL;
+        t->pending--;
         vd_io_complete(io, io->cur_iovcnt);
         done++;
         io = next;
     }
     return done;
+}
+
+static bool t_busy(struct vd_engine *e)
+{
+    return ((struct tpool *)e)->pending > 0;
 }
 
 const struct vd_engine_ops vd_engine_threads = {
@@ -191,4 +199,5 @@ const struct vd_engine_ops vd_engine_threads = {
     .submit = t_submit,
     .flush = t_flush,
     .reap = t_reap,
+    .busy = t_busy,
 };

@@ -173,6 +173,12 @@ static int u_reap(struct vd_engine *e)
     return done;
 }
 
+static bool u_busy(struct vd_engine *e)
+{
+    struct uring *u = (struct uring *)e;
+    return u->inflight || u->wait_head;
+}
+
 const struct vd_engine_ops vd_engine_io_uring = {
     .name = "io_uring",
     .init = u_init,
@@ -181,4 +187,5 @@ const struct vd_engine_ops vd_engine_io_uring = {
     .submit = u_submit,
     .flush = u_flush,
     .reap = u_reap,
+    .busy = u_busy,
 };

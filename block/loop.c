@@ -65,10 +65,15 @@ struct vd_loop {
     struct timer *timers;   /* sorted by deadline */
     uint64_t next_timer_id;
 
+    /* Polling (see poll_wait): the current window and its bound, in ns. */
+    uint64_t poll_ns, poll_max_ns;
+
     atomic_bool stop;
     atomic_int offloads;    /* offloaded jobs whose done has not run yet */
     bool lazy;              /* made by vd_loop_current(): freed at thread exit */
 };
+
+static uint64_t poll_default(void);
 
 static __thread struct vd_loop *cur_loop;
 static pthread_key_t lazy_key;
@@ -400,6 +405,8 @@ int vd_loop_new(enum vd_aio aio, struct vd_loop **out)
         vd_err(r, "epoll_ctl: %s", strerror(-r));
         goto fail;
     }
+    l->poll_max_ns = poll_default();
+    l->poll_ns = l->poll_max_ns;
     cur_loop = l;
     *out = l;
     return 0;
@@ -481,6 +488,115 @@ void vd_loop_submit_io(struct vd_loop *l, struct vd_io *io)
         l->eops->submit(l->engine, io);
 }
 
+/* ---- polling ----
+ * A sleep in epoll_wait costs a wake-up when the event comes: on a virtual
+ * machine, a halted vCPU to restart; and a thread that sleeps after every
+ * event is what the scheduler places on the CPU of the process it talks to
+ * (an NBD client on the same host), so that the two take turns on one CPU
+ * instead of running side by side. While the engine has requests in flight
+ * an event is sure to come, often within the device's latency: look for it
+ * without blocking for up to poll_ns first. The window adapts: when the
+ * event came soon after polling gave up, it grows (up to poll_max_ns); when
+ * the wait was longer than poll_max_ns, polling could not have caught it
+ * and the window shrinks, to nothing for slow devices. Nothing in flight:
+ * no polling, so an idle loop costs nothing. */
+
+#define POLL_START_NS 4000u
+
+/* VDISK_POLL_NS from the environment, or -1 when unset or invalid. */
+static int64_t poll_env(void)
+{
+    const char *s = getenv("VDISK_POLL_NS");
+    if (!s || !*s)
+        return -1;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(s, &end, 10);
+    if (*end || errno || v > VD_LOOP_POLL_MAX_NS)
+        return -1;
+    return (int64_t)v;
+}
+
+static uint64_t poll_default(void)
+{
+    int64_t e = poll_env();
+    return e < 0 ? 0 : (uint64_t)e;
+}
+
+void vd_loop_set_poll(struct vd_loop *l, uint64_t max_ns)
+{
+    if (max_ns > VD_LOOP_POLL_MAX_NS)
+        max_ns = VD_LOOP_POLL_MAX_NS;
+    l->poll_max_ns = max_ns;
+    l->poll_ns = max_ns;
+}
+
+uint64_t vd_loop_get_poll(struct vd_loop *l)
+{
+    return l->poll_max_ns;
+}
+
+void vd_loop_enable_poll(struct vd_loop *l)
+{
+    if (poll_env() < 0 && l->poll_max_ns != VD_LOOP_POLL_NS_DEFAULT)
+        vd_loop_set_poll(l, VD_LOOP_POLL_NS_DEFAULT);
+}
+
+static void poll_adapt(struct vd_loop *l, uint64_t slept)
+{
+    if (slept > l->poll_max_ns) {
+        l->poll_ns /= 2;
+        if (l->poll_ns < POLL_START_NS / 2)
+            l->poll_ns = 0;
+    } else if (l->poll_ns < l->poll_max_ns) {
+        l->poll_ns = l->poll_ns ? l->poll_ns * 2 : POLL_START_NS;
+        if (l->poll_ns > l->poll_max_ns)
+            l->poll_ns = l->poll_max_ns;
+    }
+}
+
+/* The blocking epoll_wait: posters of nodes wake the loop only while it
+ * sleeps (see vd_loop_post_node). */
+static int sleep_wait(struct vd_loop *l, struct epoll_event *ev, int nev, int timeout_ms)
+{
+    if (timeout_ms != 0) {
+        atomic_store(&l->sleeping, true);
+        if (atomic_load(&l->nodes))
+            timeout_ms = 0;
+    }
+    int n = epoll_wait(l->epfd, ev, nev, timeout_ms);
+    atomic_store(&l->sleeping, false);
+    return n;
+}
+
+/* epoll_wait, polling first when worth it. */
+static int poll_wait(struct vd_loop *l, struct epoll_event *ev, int nev, int timeout_ms)
+{
+    bool busy = l->poll_max_ns && timeout_ms != 0 && l->eops->busy && l->eops->busy(l->engine);
+    if (!busy)
+        return sleep_wait(l, ev, nev, timeout_ms);
+    uint64_t t0 = now_ns(), t = t0;
+    uint64_t end = t0 + l->poll_ns;
+    if (timeout_ms > 0 && end > t0 + (uint64_t)timeout_ms * 1000000u)
+        end = t0 + (uint64_t)timeout_ms * 1000000u;
+    while (t < end) {
+        int n = epoll_wait(l->epfd, ev, nev, 0);
+        /* posted nodes do not wake a loop that is not sleeping: look */
+        if (n != 0 || atomic_load_explicit(&l->nodes, memory_order_relaxed) ||
+            atomic_load_explicit(&l->stop, memory_order_relaxed))
+            return n;
+        t = now_ns();
+    }
+    if (timeout_ms > 0) {
+        uint64_t spent_ms = (t - t0) / 1000000u;
+        timeout_ms = spent_ms >= (uint64_t)timeout_ms ? 0 : timeout_ms - (int)spent_ms;
+    }
+    int n = sleep_wait(l, ev, nev, timeout_ms);
+    if (n > 0)
+        poll_adapt(l, now_ns() - t);
+    return n;
+}
+
 void vd_loop_flush(struct vd_loop *l)
 {
     l->eops->flush(l->engine);
@@ -502,13 +618,7 @@ int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
         if (timeout_ms < 0 || wait_ms < timeout_ms)
             timeout_ms = (int)(wait_ms > 3600000 ? 3600000 : wait_ms);
     }
-    if (timeout_ms != 0) {
-        atomic_store(&l->sleeping, true);
-        if (atomic_load(&l->nodes))
-            timeout_ms = 0;
-    }
-    n = epoll_wait(l->epfd, ev, 64, timeout_ms);
-    atomic_store(&l->sleeping, false);
+    n = poll_wait(l, ev, 64, timeout_ms);
     if (n < 0) {
         int r = errno == EINTR ? 0 : -errno;
         cur_loop = prev;
@@ -524,6 +634,9 @@ int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
         w->cb(l, w->fd, ev[i].events, w->opaque);
         done++;
     }
+    /* Start the I/O those events asked for before running timers (which
+     * include sending replies): the device works while we do the rest. */
+    l->eops->flush(l->engine);
     if (l->timers)
         done += run_timers(l);
     l->eops->flush(l->engine);

@@ -45,7 +45,31 @@ static void meta_start(struct vd_req *r, int kind);
 /* core-private bit of r->flags: the request is counted in its disk's gate */
 #define REQ_F_GATED 0x80000000u
 
-/* ---- references ---- */
+/* Planning on a worker (gated disks, below): the job whose host I/O the
+ * loop submits when it is done. */
+struct plan;
+static __thread struct plan *tl_plan;
+static void plan_defer(struct plan *p, struct vd_io *io);
+enum plan_kind { PLAN_READ, PLAN_WRITE, PLAN_RANGE, PLAN_COMMIT };
+struct subio;
+struct waiter;
+static void plan_start(struct vd_req *r, enum plan_kind kind, struct waiter *w, struct subio *s, int res);
+
+/* ---- references ----
+ * Atomic: on a gated disk (below) a worker plans a request while its loop
+ * may finish parts of it that are already in flight. */
+
+static void ref_get(struct vd_req *r)
+{
+    __atomic_add_fetch(&r->pending, 1, __ATOMIC_RELAXED);
+}
+
+static void set_err(struct vd_req *r, int err)
+{
+    int zero = 0;
+    if (err < 0)
+        __atomic_compare_exchange_n(&r->err, &zero, err, false, __ATOMIC_RELAXED, __ATOMIC_RELAXED);
+}
 
 static void req_finish(struct vd_req *r)
 {
@@ -75,9 +99,8 @@ static void req_finish(struct vd_req *r)
 
 static void req_put(struct vd_req *r, int err)
 {
-    if (err < 0 && r->err == 0)
-        r->err = err;
-    if (--r->pending == 0)
+    set_err(r, err);
+    if (__atomic_sub_fetch(&r->pending, 1, __ATOMIC_ACQ_REL) == 0)
         req_finish(r);
 }
 
@@ -199,6 +222,10 @@ static bool io_aligned(const struct vd_io *io)
 static void submit_host(struct vd_req *r, struct subio *s)
 {
     struct vd_io *io = &s->io;
+    if (tl_plan) {          /* planning on a worker: the loop submits it */
+        plan_defer(tl_plan, io);
+        return;
+    }
     if ((io->op != VD_IO_READ && io->op != VD_IO_WRITE) || io_aligned(io)) {
         vd_loop_submit_io(r->loop, io);
         return;
@@ -252,7 +279,7 @@ static int submit_slice(struct vd_req *r, enum vd_io_op op, struct vd_file *f, u
         return n;
     }
     s->io.iovcnt = n;
-    r->pending++;
+    ref_get(r);
     submit_host(r, s);
     return 0;
 }
@@ -342,6 +369,10 @@ static void waiter_run(void *opaque)
 {
     struct waiter *w = opaque;
     struct vd_req *r = w->r;
+    if (r->disk->gated) {
+        plan_start(r, PLAN_RANGE, w, NULL, 0);
+        return;
+    }
     write_range(r, w->l, w->off, w->len, w->pos);
     free(w);
     req_put(r, 0);       /* the reference the waiter held */
@@ -373,10 +404,9 @@ static void unit_span(const struct vd_layer *l, uint64_t off, uint64_t len, uint
     *e = (off + len + u - 1) / u * u;
 }
 
-static void alloc_write_done(struct vd_io *io, int res)
+/* Link (or undo) an allocation whose data write ended with res. */
+static int alloc_commit(struct subio *s, int res)
 {
-    struct subio *s = (struct subio *)io;
-    struct vd_req *r = s->r;
     struct vd_layer *l = s->l;
     uint64_t us, ue;
     unit_span(l, s->a.fill_off, s->a.fill_len, &us, &ue);
@@ -384,8 +414,18 @@ static void alloc_write_done(struct vd_io *io, int res)
     int c = l->fmt->commit ? l->fmt->commit(l, &s->a, res) : 0;
     inflight_end(l, us);
     pthread_mutex_unlock(&l->lock);
-    if (res == 0)
-        res = c;
+    return res == 0 ? c : res;
+}
+
+static void alloc_write_done(struct vd_io *io, int res)
+{
+    struct subio *s = (struct subio *)io;
+    struct vd_req *r = s->r;
+    if (r->disk->gated && !tl_plan) {
+        plan_start(r, PLAN_COMMIT, NULL, s, res);
+        return;
+    }
+    res = alloc_commit(s, res);
     subio_free(s);
     req_put(r, res);
 }
@@ -442,7 +482,7 @@ static int alloc_write(struct vd_req *r, struct vd_layer *l, const struct vd_all
             s->io.off = a->host_off + head;
         }
     }
-    r->pending++;
+    ref_get(r);
     if (ret < 0) {
         alloc_write_done(&s->io, ret);
         return 0;
@@ -486,7 +526,7 @@ static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint
                 *w = (struct waiter){ .r = r, .l = l, .off = off, .len = len, .pos = pos,
                                       .next = busy->waiters };
                 busy->waiters = w;
-                r->pending++;
+                ref_get(r);
                 pthread_mutex_unlock(&l->lock);
                 return;
             }
@@ -519,8 +559,7 @@ static void write_range(struct vd_req *r, struct vd_layer *l, uint64_t off, uint
         len -= n;
         pos += (size_t)n;
     }
-    if (ret < 0 && r->err == 0)
-        r->err = ret;
+    set_err(r, ret);
 }
 
 /* ---- flush, discard, zeroes ---- */
@@ -550,7 +589,7 @@ static void flush_start(struct vd_req *r)
         if (!s)
             ret = -ENOMEM;
         else {
-            r->pending++;
+            ref_get(r);
             submit_host(r, s);
         }
     }
@@ -650,7 +689,7 @@ static int zero_host(struct vd_req *r, struct vd_layer *l, enum vd_io_op op)
     if (!s)
         return -ENOMEM;
     s->io.len = r->len;
-    r->pending++;
+    ref_get(r);
     submit_host(r, s);
     return 0;
 }
@@ -659,14 +698,13 @@ static void zeroes_fallback(struct vd_req *r)
 {
     struct zero_state *z = calloc(1, sizeof(*z));
     if (!z) {
-        if (r->err == 0)
-            r->err = -ENOMEM;
+        set_err(r, -ENOMEM);
         return;
     }
     z->parent = r;
     z->off = r->off;
     z->end = r->off + r->len;
-    r->pending++;
+    ref_get(r);
     zero_issue(z);
 }
 
@@ -702,17 +740,152 @@ static int discard_start(struct vd_req *r)
     return ret == -ENOTSUP ? 0 : ret;
 }
 
+/* ---- planning on a worker ----
+ * On a gated disk every call into the format (map, alloc, commit, the
+ * copy-on-write reads, compressed units) may be metadata I/O over the
+ * network, so it runs on the worker pool: a request's planning (read_range,
+ * write_range), an allocating write's commit, a write that waited for an
+ * allocation. The host I/O planned there is submitted by the loop when the
+ * job is done (the loop's engine is the loop's alone), and the planning
+ * holds a reference, so nothing of the request completes before it. */
+
+struct plan {
+    struct plan *qnext;         /* the disk's planning queue */
+    struct vd_post_node node;   /* back to r's loop: plan_done */
+    struct vd_req *r;
+    enum plan_kind kind;
+    struct waiter *w;           /* PLAN_RANGE */
+    struct subio *s;            /* PLAN_COMMIT */
+    int res;                    /* PLAN_COMMIT: the data write's result, then the commit's */
+    int ret;                    /* PLAN_READ */
+    struct vd_io *deferred, **dtail;
+    int err;                    /* an error seen on the worker, and its message */
+    char msg[512];
+};
+
+static void plan_defer(struct plan *p, struct vd_io *io)
+{
+    io->next = NULL;
+    *p->dtail = io;
+    p->dtail = &io->next;
+}
+
+static void plan_run(void *opaque)
+{
+    struct plan *p = opaque;
+    struct vd_req *r = p->r;
+    vd_err_clear();
+    tl_plan = p;
+    switch (p->kind) {
+    case PLAN_READ:
+        p->ret = read_range(r, r->disk->top, r->off, r->len, 0);
+        break;
+    case PLAN_WRITE:
+        write_range(r, r->disk->top, r->off, r->len, 0);
+        break;
+    case PLAN_RANGE:
+        write_range(r, p->w->l, p->w->off, p->w->len, p->w->pos);
+        free(p->w);
+        break;
+    case PLAN_COMMIT:
+        p->res = alloc_commit(p->s, p->res);
+        break;
+    }
+    tl_plan = NULL;
+    p->err = p->ret < 0 ? p->ret : p->res < 0 ? p->res : __atomic_load_n(&r->err, __ATOMIC_RELAXED);
+    if (p->err < 0)
+        snprintf(p->msg, sizeof(p->msg), "%s", vd_errmsg(p->err));
+}
+
+static void plan_done(void *opaque)
+{
+    struct plan *p = opaque;
+    struct vd_req *r = p->r;
+    if (p->err < 0)
+        vd_err(p->err, "%s", p->msg);
+    for (struct vd_io *io = p->deferred, *next; io; io = next) {
+        next = io->next;
+        io->next = NULL;
+        submit_host(r, (struct subio *)io);
+    }
+    switch (p->kind) {
+    case PLAN_READ:
+        req_put(r, p->ret);
+        break;
+    case PLAN_WRITE:
+    case PLAN_RANGE:
+        req_put(r, 0);              /* the reference of the issuer, or of the waiter */
+        break;
+    case PLAN_COMMIT:
+        subio_free(p->s);
+        req_put(r, p->res);
+        break;
+    }
+    free(p);
+}
+
+/* One worker job plans what the disk's queue holds: under load a wake-up
+ * of a worker serves many requests (planning is serialised by the layer
+ * lock anyway), and each goes back to its loop through a node (no lock, no
+ * wake-up of a loop that is awake). What arrived meanwhile is the next
+ * job's, queued behind the pool's other work, so that a busy disk never
+ * keeps a worker from everyone else. */
+static void planner(void *opaque)
+{
+    struct vd_disk *d = opaque;
+    pthread_mutex_lock(&d->gate_lock);
+    struct plan *p = d->plan_head;
+    d->plan_head = NULL;
+    d->plan_tail = &d->plan_head;
+    pthread_mutex_unlock(&d->gate_lock);
+    for (struct plan *q = p; q; q = q->qnext)
+        plan_run(q);
+    pthread_mutex_lock(&d->gate_lock);
+    struct vd_loop *again = d->plan_head ? d->plan_head->r->loop : NULL;
+    d->planning = again != NULL;
+    pthread_mutex_unlock(&d->gate_lock);
+    if (again)
+        vd_loop_offload(again, planner, NULL, d);
+    /* Last: once these are back, their requests may end and the disk
+     * with them (d is not touched after this). */
+    while (p) {
+        struct plan *next = p->qnext;
+        vd_loop_post_node(p->r->loop, &p->node);
+        p = next;
+    }
+}
+
+static void plan_start(struct vd_req *r, enum plan_kind kind, struct waiter *w, struct subio *s, int res)
+{
+    struct vd_disk *d = r->disk;
+    struct plan *p = calloc(1, sizeof(*p));
+    if (!p)
+        abort();                    /* as vd_loop_post: a lost request would hang its issuer */
+    *p = (struct plan){ .r = r, .kind = kind, .w = w, .s = s, .res = res };
+    p->dtail = &p->deferred;
+    p->node.fn = plan_done;
+    p->node.opaque = p;
+    pthread_mutex_lock(&d->gate_lock);
+    *d->plan_tail = p;
+    d->plan_tail = &p->qnext;
+    bool start = !d->planning;
+    d->planning = true;
+    pthread_mutex_unlock(&d->gate_lock);
+    if (start)
+        vd_loop_offload(r->loop, planner, NULL, d);
+}
+
 /* ---- the gate: metadata ops of formats on remote files ----
  *
  * A format's discard, zero and flush are synchronous and hold the layer
  * lock; on a remote file (RBD, NBD) each metadata write in them is a
  * network round trip. They run on the worker pool instead (vd_loop_offload)
  * and finish on the request's loop. The lock rules stay as they are (the
- * worker holds layer->lock around the driver call); what keeps the loops
- * from waiting on that lock is the gate: a metadata op starts only when no
- * other request of the disk is in flight, and requests submitted while it
- * runs (or waits to run) queue, in order, and start on their own loops when
- * it is done. Reads and writes meanwhile pass freely, counted. */
+ * worker holds layer->lock around the driver call); the gate orders them
+ * with the rest: a metadata op starts only when no other request of the
+ * disk is in flight, and requests submitted while it runs (or waits to run)
+ * queue, in order, and start on their own loops when it is done. Reads and
+ * writes otherwise pass freely, counted (and are planned on workers too). */
 
 struct gate_wait {
     struct vd_req *r;
@@ -725,13 +898,17 @@ static bool remote_file(const struct vd_file *f)
     return f && f->proto && f->proto->submit;
 }
 
+/* Gated: some layer of the chain is on a remote file, except a lone raw
+ * image on a backend that does all of its I/O asynchronously itself. */
 void vd_disk_gate_init(struct vd_disk *d)
 {
-    struct vd_layer *l = d->top;
     pthread_mutex_init(&d->gate_lock, NULL);
     d->gate_tail = &d->gate_head;
-    d->gated = !d->readonly && remote_file(l->file) &&
-               (l->fmt->flush || ((l->fmt->discard || l->fmt->zero) && !zero_async(l)));
+    d->plan_tail = &d->plan_head;
+    bool remote = false;
+    for (struct vd_layer *l = d->top; l; l = l->backing)
+        remote |= remote_file(l->file);
+    d->gated = remote && !(!d->top->backing && zero_async(d->top) && !d->top->fmt->flush);
 }
 
 void vd_disk_gate_fini(struct vd_disk *d)
@@ -894,7 +1071,7 @@ static void meta_done(void *opaque)
             if (!s)
                 ret = -ENOMEM;
             else {
-                r->pending++;
+                ref_get(r);
                 submit_host(r, s);
             }
         }
@@ -926,13 +1103,21 @@ static void dispatch(struct vd_req *r)
     int ret = 0;
     switch (r->op) {
     case VD_OP_READ:
+        if (d->gated) {
+            plan_start(r, PLAN_READ, NULL, NULL, 0);
+            return;
+        }
         ret = read_range(r, d->top, r->off, r->len, 0);
         break;
     case VD_OP_WRITE:
+        if (d->gated) {
+            plan_start(r, PLAN_WRITE, NULL, NULL, 0);
+            return;
+        }
         write_range(r, d->top, r->off, r->len, 0);
         break;
     case VD_OP_FLUSH:
-        r->pending++;
+        ref_get(r);
         flush_start(r);
         break;
     case VD_OP_DISCARD:
@@ -981,8 +1166,9 @@ static void submit(struct vd_disk *d, struct vd_req *r, bool gate)
         r->done(r, ret < 0 ? ret : -ENOMEM);
         return;
     }
-    /* writethrough / directsync: every write is durable when it completes */
-    if (r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
+    /* writethrough / directsync: every write is durable when it completes
+     * (the parts of a request, submitted ungated, leave that to it) */
+    if (gate && r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
         (d->opts.cache == VD_CACHE_WRITETHROUGH || d->opts.cache == VD_CACHE_DIRECTSYNC))
         r->flags |= VD_REQ_FUA;
     if (gate && d->gated) {

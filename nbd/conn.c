@@ -1358,6 +1358,9 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
     c->loop = loop;
     c->rfd = rfd;
     c->wfd = wfd;
+    /* A client waits for each reply before it sends more: poll for the
+     * completions instead of sleeping (see loop.c; bench/RESULTS.md). */
+    vd_loop_enable_poll(loop);
     snprintf(c->peer, sizeof c->peer, "%s", peer ? peer : "client");
     c->oq_tail = &c->oq;
     set_nonblock(rfd);

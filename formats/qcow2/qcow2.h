@@ -161,6 +161,7 @@ struct q2 {
     bool rc_unsynced, l2_unsynced;
     bool dirty_on_disk;           /* header dirty bit set by us (lazy refcounts) */
     bool lazy;
+    bool no_reserve;              /* the file cannot reserve space (fallocate) */
     int meta_prealloc;            /* -1 unknown, 0/1: data clusters may be holes (as QEMU guesses) */
 };
 

@@ -4,6 +4,7 @@
 #ifndef VDISK_ENGINE_H
 #define VDISK_ENGINE_H
 
+#include <stdbool.h>
 #include <stdint.h>
 #include <sys/uio.h>
 #include "file.h"
@@ -45,6 +46,8 @@ struct vd_engine_ops {
     void (*flush)(struct vd_engine *e);
     /* reap completions; calls io->done for each; returns how many */
     int  (*reap)(struct vd_engine *e);
+    /* optional: true while requests are submitted and not yet reaped */
+    bool (*busy)(struct vd_engine *e);
 };
 
 extern const struct vd_engine_ops vd_engine_io_uring, vd_engine_aio, vd_engine_threads;

@@ -54,6 +54,18 @@ int  vd_loop_run_once(struct vd_loop *loop, int timeout_ms);
 void vd_loop_run(struct vd_loop *loop);
 void vd_loop_stop(struct vd_loop *loop);
 
+/* Polling: while the loop's engine has I/O in flight, look for events
+ * without sleeping for up to max_ns before blocking; the window adapts to
+ * how soon events come (see loop.c). 0 turns it off. Loops start with it
+ * off, or with VDISK_POLL_NS (nanoseconds) from the environment.
+ * vd_loop_enable_poll: VD_LOOP_POLL_NS_DEFAULT, unless VDISK_POLL_NS is set
+ * (servers call it for the loops their connections run on). */
+#define VD_LOOP_POLL_NS_DEFAULT 500000u
+#define VD_LOOP_POLL_MAX_NS     10000000u
+void vd_loop_set_poll(struct vd_loop *loop, uint64_t max_ns);
+void vd_loop_enable_poll(struct vd_loop *loop);
+uint64_t vd_loop_get_poll(struct vd_loop *loop);     /* the max_ns in force */
+
 /* Run fn(opaque) on a worker thread (shared pool), then done(opaque) on this
  * loop's thread: for slow, synchronous work (compression, metadata I/O). */
 void vd_loop_offload(struct vd_loop *loop, vd_fn fn, vd_fn done, void *opaque);

@@ -10,7 +10,7 @@ source "$VDISK_ROOT/tests/helpers/nbd_common.bash"
 CLUSTER=$VDISK_ROOT/tests/rbd/cluster.sh
 rbdq_cleanup() {
     local p
-    for p in ${q_pid:-} ${rd_pid:-} ${st_pid:-}; do kill -9 "$p" 2>/dev/null; done
+    for p in ${q_pid:-} ${q2_pid:-} ${rd_pid:-} ${st_pid:-} ${rm_pid:-} ${wm_pid:-}; do kill -9 "$p" 2>/dev/null; done
     [ -n "${osd:-}" ] && kill -CONT "$osd" 2>/dev/null
     "$CLUSTER" stop "$T/ceph" > /dev/null 2>&1
 }
@@ -105,6 +105,36 @@ wait "$rq"; rqrc=$?
 [ $rqrc -eq 0 ] && ok "a read queued behind them completes with the right data" || fail "a read queued behind them completes with the right data" "rc $rqrc: $(cat "$T/rq.out")"
 check "the export still reads as the shadow" qemu-img compare -f raw -F raw "$T/shadow.raw" "$QN"
 stop_vdiskd q
+
+# A fresh daemon has no L2 table cached: with the OSD stopped, a read must
+# load one (the format's map, on a worker) and an allocating write must
+# place a cluster; the local export on the same loop answers meanwhile.
+start_vdiskd q2 --nbd "unix:$T/q2.sock" --threads 1 --log-level=error \
+    --export "name=q,file=$(R qz),format=qcow2" --export "name=loc,file=$T/local.raw,format=raw" || exit 1
+QN="nbd+unix:///q?socket=$T/q2.sock"
+LN="nbd+unix:///loc?socket=$T/q2.sock"
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+timeout 60 qemu-io -f raw -c "read -P 0x5a $((48 * MiB)) 64k" "$QN" > "$T/rm.out" 2>&1 &
+rm_pid=$!
+timeout 60 qemu-io -f raw -c "write -P 0x44 $((60 * MiB)) 192k" "$QN" > "$T/wm.out" 2>&1 &
+wm_pid=$!
+sleep 1
+t0=$(date +%s%N)
+out=$(timeout 20 qemu-io -f raw -c 'write -P 6 0 1M' -c 'read -P 6 0 1M' "$LN" 2>&1); rc=$?
+el=$(( ($(date +%s%N) - t0) / 1000000 ))
+kill -0 "$rm_pid" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"; osd=
+wait "$rm_pid"; rmrc=$?
+wait "$wm_pid"; wmrc=$?
+[ $rc -eq 0 ] && [ $pending = yes ] \
+    && ok "during a stalled L2 load and allocation the local export on the same loop answers (${el} ms)" \
+    || fail "during a stalled L2 load and allocation the local export on the same loop answers" "rc $rc after ${el} ms, read pending: $pending: $out"
+[ $rmrc -eq 0 ] && [ $wmrc -eq 0 ] && ok "the stalled read and write complete, data verified, once the OSD is back" \
+    || fail "the stalled read and write complete once the OSD is back" "rc $rmrc $wmrc: $(cat "$T/rm.out" "$T/wm.out")"
+qemu-io -f raw -c "write -P 0x44 $((60 * MiB)) 192k" "$T/shadow.raw" > /dev/null
+check "the export reads as the shadow after that" qemu-img compare -f raw -F raw "$T/shadow.raw" "$QN"
+stop_vdiskd q2
 
 check "qemu-img check (its rbd driver): the qcow2 on rbd is clean" qemu-img check -f qcow2 "$(R qz)"
 check "convert it back to a local qcow2" $VDISK convert -O qcow2 "$(R qz)" "$T/back.qcow2"

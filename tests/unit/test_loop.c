@@ -512,6 +512,166 @@ static void current(void **s)
     vd_loop_free(l);
 }
 
+/* ---- polling ----
+ * With I/O in flight the loop polls before sleeping; what it waits for
+ * must still arrive: completions, timers, posted work and a stop. A read
+ * on an empty pipe keeps the engine busy for as long as the test wants. */
+
+struct pio {
+    struct vd_io io;
+    struct iovec iov;
+    char byte;
+    int res;
+    bool done;
+    struct vd_file file;
+    int pipefd[2];
+};
+
+static void pio_done(struct vd_io *io, int res)
+{
+    struct pio *p = (struct pio *)io;
+    p->res = res;
+    p->done = true;
+}
+
+static void pio_start(struct vd_loop *l, struct pio *p)
+{
+    memset(p, 0, sizeof(*p));
+    assert_int_equal(pipe(p->pipefd), 0);
+    p->file = (struct vd_file){ .fd = p->pipefd[0], .name = "pipe", .align = 1 };
+    p->iov = (struct iovec){ &p->byte, 1 };
+    p->io = (struct vd_io){ .op = VD_IO_READ, .file = &p->file, .iov = &p->iov, .iovcnt = 1,
+                            .done = pio_done };
+    vd_loop_submit_io(l, &p->io);
+}
+
+static void pio_end(struct pio *p)
+{
+    close(p->pipefd[0]);
+    close(p->pipefd[1]);
+}
+
+static void write_x(void *opaque)
+{
+    struct pio *p = opaque;
+    assert_int_equal(write(p->pipefd[1], "x", 1), 1);
+}
+
+static void poll_delivers(void **s)
+{
+    struct vd_loop *l;
+    assert_int_equal(vd_loop_new(VD_AIO_IO_URING, &l), 0);
+    vd_loop_set_poll(l, 5000000);     /* 5 ms windows */
+    struct pio p;
+    pio_start(l, &p);
+    /* a zero timeout never polls: nothing is ready, so nothing happens */
+    assert_int_equal(vd_loop_run_once(l, 0), 0);
+    assert_false(p.done);
+    /* the completion comes from a timer's write: both must be delivered */
+    vd_loop_timer(l, 2, write_x, &p);
+    for (int i = 0; i < 1000 && !p.done; i++)
+        assert_true(vd_loop_run_once(l, 1000) >= 0);
+    assert_true(p.done);
+    assert_int_equal(p.res, 0);
+    assert_int_equal(p.byte, 'x');
+    /* posted work reaches a polling loop too */
+    pio_end(&p);
+    pio_start(l, &p);
+    vd_loop_post(l, write_x, &p);
+    for (int i = 0; i < 1000 && !p.done; i++)
+        assert_true(vd_loop_run_once(l, 1000) >= 0);
+    assert_true(p.done);
+    pio_end(&p);
+    /* polling off and on again */
+    vd_loop_set_poll(l, 0);
+    pio_start(l, &p);
+    vd_loop_timer(l, 1, write_x, &p);
+    for (int i = 0; i < 1000 && !p.done; i++)
+        assert_true(vd_loop_run_once(l, 1000) >= 0);
+    assert_true(p.done);
+    pio_end(&p);
+    vd_loop_free(l);
+}
+
+/* Loops start without polling; the environment sets the default and
+ * overrides vd_loop_enable_poll, not an explicit vd_loop_set_poll. */
+static void poll_settings(void **s)
+{
+    struct vd_loop *l;
+    unsetenv("VDISK_POLL_NS");
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+    assert_int_equal(vd_loop_get_poll(l), 0);
+    vd_loop_enable_poll(l);
+    assert_int_equal(vd_loop_get_poll(l), VD_LOOP_POLL_NS_DEFAULT);
+    vd_loop_set_poll(l, 0);
+    assert_int_equal(vd_loop_get_poll(l), 0);
+    vd_loop_set_poll(l, UINT64_MAX);
+    assert_int_equal(vd_loop_get_poll(l), VD_LOOP_POLL_MAX_NS);
+    vd_loop_free(l);
+
+    setenv("VDISK_POLL_NS", "0", 1);
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+    vd_loop_enable_poll(l);
+    assert_int_equal(vd_loop_get_poll(l), 0);
+    vd_loop_set_poll(l, 1000);
+    assert_int_equal(vd_loop_get_poll(l), 1000);
+    vd_loop_free(l);
+
+    setenv("VDISK_POLL_NS", "20000", 1);
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+    assert_int_equal(vd_loop_get_poll(l), 20000);
+    vd_loop_enable_poll(l);
+    assert_int_equal(vd_loop_get_poll(l), 20000);
+    vd_loop_free(l);
+
+    /* nonsense is ignored */
+    setenv("VDISK_POLL_NS", "12abc", 1);
+    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+    assert_int_equal(vd_loop_get_poll(l), 0);
+    vd_loop_enable_poll(l);
+    assert_int_equal(vd_loop_get_poll(l), VD_LOOP_POLL_NS_DEFAULT);
+    vd_loop_free(l);
+    unsetenv("VDISK_POLL_NS");
+}
+
+struct poll_stop_ctx {
+    atomic_int state;       /* 1: running with I/O in flight, 2: vd_loop_run returned */
+    struct vd_loop *loop;
+    struct pio p;
+};
+
+static void *poll_stop_thread(void *arg)
+{
+    struct poll_stop_ctx *c = arg;
+    assert_int_equal(vd_loop_new(VD_AIO_IO_URING, &c->loop), 0);
+    vd_loop_set_poll(c->loop, VD_LOOP_POLL_MAX_NS);
+    pio_start(c->loop, &c->p);
+    atomic_store(&c->state, 1);
+    vd_loop_run(c->loop);
+    atomic_store(&c->state, 2);
+    write_x(&c->p);
+    for (int i = 0; i < 1000 && !c->p.done; i++)
+        vd_loop_run_once(c->loop, 1000);
+    pio_end(&c->p);
+    vd_loop_free(c->loop);
+    return NULL;
+}
+
+static void poll_stop(void **s)
+{
+    struct poll_stop_ctx c = { 0 };
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, poll_stop_thread, &c), 0);
+    while (atomic_load(&c.state) == 0)
+        usleep(1000);
+    usleep(20000);
+    assert_int_equal(atomic_load(&c.state), 1);
+    vd_loop_stop(c.loop);
+    pthread_join(t, NULL);
+    assert_int_equal(atomic_load(&c.state), 2);
+    assert_true(c.p.done);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -526,6 +686,9 @@ int main(void)
         cmocka_unit_test(fd_del_in_callback),
         cmocka_unit_test(nested),
         cmocka_unit_test(current),
+        cmocka_unit_test(poll_settings),
+        cmocka_unit_test(poll_delivers),
+        cmocka_unit_test(poll_stop),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
