@@ -12,11 +12,16 @@
 # medians are printed: IOPS, the back-end's CPU time per request (µs,
 # utime+stime of the daemon), vdisk/qsd and vdisk/fio ratios.
 #   BENCH_SECONDS (3) per run, RUNS (3), BENCH_SIZE_MIB (1024) image size
+#   IMAGES ("raw qcow2 tmpfs-raw") the images to run, ONLY (a regular
+#   expression) the jobs to run, matched against "MODE NQq" (e.g. 'rand.* 1q')
+#   VDISK_EXPORT_OPTS extra vdiskd export options (e.g. ",submit-batch=0")
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SECS=${BENCH_SECONDS:-3}
 RUNS=${RUNS:-3}
 SIZE=${BENCH_SIZE_MIB:-1024}
+IMAGES=${IMAGES:-raw qcow2 tmpfs-raw}
+ONLY=${ONLY:-.}
 B=${VDISK_BUILD:-build}
 VDISKD=$B/bin/vdiskd
 IO=$B/tests/helpers/vhost_io
@@ -34,8 +39,8 @@ if [ ! -f "$dir/disk.raw" ] || [ "$(stat -c %s "$dir/disk.raw")" != $((SIZE << 2
     head -c $((SIZE << 20)) /dev/urandom > "$dir/disk.raw"
     rm -f "$dir/disk.qcow2"
 fi
-[ -f "$dir/disk.qcow2" ] || qemu-img convert -O qcow2 "$dir/disk.raw" "$dir/disk.qcow2"
-head -c $(( (SIZE < 512 ? SIZE : 512) << 20)) "$dir/disk.raw" > "$shm"
+[[ " $IMAGES " != *" qcow2 "* ]] || [ -f "$dir/disk.qcow2" ] || qemu-img convert -O qcow2 "$dir/disk.raw" "$dir/disk.qcow2"
+[[ " $IMAGES " != *" tmpfs-raw "* ]] || head -c $(( (SIZE < 512 ? SIZE : 512) << 20)) "$dir/disk.raw" > "$shm"
 tick=$(getconf CLK_TCK)
 
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat"; }
@@ -49,7 +54,7 @@ start_backend() {
     if [ "$kind" = vdisk ]; then
         local cache=writeback; [ "$direct" = on ] && cache=none
         "$VDISKD" --nbd "unix:$dir/nbd.sock" \
-            --export "type=vhost-user-blk,name=b,file=$img,format=$fmt,cache=$cache,aio=io_uring,socket=$BSOCK,num-queues=4" \
+            --export "type=vhost-user-blk,name=b,file=$img,format=$fmt,cache=$cache,aio=io_uring,socket=$BSOCK,num-queues=4${VDISK_EXPORT_OPTS:-}" \
             2> "$dir/vdiskd.log" &
     else
         qemu-storage-daemon --blockdev "driver=file,node-name=f,filename=$img,cache.direct=$direct,aio=io_uring,locking=off" \
@@ -95,6 +100,7 @@ run_image() {   # label image format direct with_fio
     for i in "${!JOBS[@]}"; do
         local j=${JOBS[$i]} V=() Q=() F=()
         read -r mode nq qd bs <<<"$j"
+        [[ "$mode ${nq}q" =~ $ONLY ]] || continue
         for ((r = 0; r < RUNS; r++)); do
             V+=("$(job "$vp" "$vs" $j)")
             Q+=("$(job "$qp" "$qs" $j)")
@@ -112,6 +118,12 @@ run_image() {   # label image format direct with_fio
 }
 
 echo "# vhost-user-blk, median of $RUNS runs of ${SECS}s per job, $(nproc) CPUs, load $(cut -d' ' -f1-3 /proc/loadavg)"
-run_image raw "$dir/disk.raw" raw on yes
-run_image qcow2 "$dir/disk.qcow2" qcow2 on no
-run_image tmpfs-raw "$shm" raw off yes
+for im in $IMAGES; do
+    case $im in
+    raw) run_image raw "$dir/disk.raw" raw on yes ;;
+    qcow2) run_image qcow2 "$dir/disk.qcow2" qcow2 on no ;;
+    tmpfs-raw) run_image tmpfs-raw "$shm" raw off yes ;;
+    *) echo "unknown image $im (raw, qcow2, tmpfs-raw)"; exit 1 ;;
+    esac
+done
+echo "# load at the end $(cut -d' ' -f1-3 /proc/loadavg)"
