@@ -16,6 +16,10 @@
 #   SPLIT=1 also print CPU per I/O by process and thread
 #   RBD_OPTS=:KEY=VALUE…  Ceph options for vdiskd and qemu-nbd (appended to the name)
 #   RWS="randread randwrite"         TOOLS="vdiskd qemu-nbd fio-rbd"  (subsets)
+#   QUIET_CEPH=1  the cluster (and every client) without Ceph's in-memory
+#                 debug logs and without the OSD's op tracker (less CPU in
+#                 the OSD, which shares the CPUs; a second figure, not the
+#                 default: the defaults are what clusters run)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VDISKD=${VDISKD:-build/bin/vdiskd}
@@ -36,6 +40,13 @@ if [ -n "${RBD_CONF:-}" ]; then
     conf=$RBD_CONF
 else
     rm -rf "$dir/ceph"
+    if [ "${QUIET_CEPH:-0}" = 1 ]; then
+        export RBD_CEPH_CONF="osd enable op tracker = false"
+        for sub in osd objecter rados rbd objectcacher memstore bluestore bdev rocksdb monc auth finisher \
+                   asok throttle context buffer ms optracker heartbeatmap perfcounter; do
+            RBD_CEPH_CONF+=$'\n'"debug $sub = 0/0"
+        done
+    fi
     conf=$(tests/rbd/cluster.sh start "$dir/ceph" rbd)
 fi
 osd=$(cat "$(dirname "$conf")/osd.pid" 2>/dev/null || echo)
@@ -142,7 +153,7 @@ one() {
     [ -z "$split" ] || echo "    split: $split"
 }
 
-echo "# bench/rbd.sh: 4 KiB QD32, ${RUNTIME}s per case, $SIZE image, $(nproc) CPUs, $(ceph-osd --version | awk '{print $3}') memstore OSD"
+echo "# bench/rbd.sh: 4 KiB QD32, ${RUNTIME}s per case, $SIZE image, $(nproc) CPUs, $(ceph-osd --version | awk '{print $3}') memstore OSD${QUIET_CEPH:+ (QUIET_CEPH=$QUIET_CEPH)}"
 RWS=${RWS:-randread randwrite}
 TOOLS=${TOOLS:-vdiskd qemu-nbd fio-rbd}
 for rw in $RWS; do

@@ -37,7 +37,7 @@ check_fails "info -f bogus" "$VDISK" info -f bogus "$T/ok.raw"
 check_fails "create -f bogus" "$VDISK" create -f bogus "$T/x.raw" 1M
 check_fails "convert -O bogus" "$VDISK" convert -f raw -O bogus "$T/ok.raw" "$T/x.raw"
 check_fails "info of a folder" "$VDISK" info -f raw "$T"
-if "$VDISK" --help | grep -q 'formats:.*qcow2'; then
+if grep -q 'formats:.*qcow2' <<<"$("$VDISK" --help)"; then
     check_fails "info -f qcow2 of a raw file" "$VDISK" info -f qcow2 "$T/ok.raw"
 fi
 

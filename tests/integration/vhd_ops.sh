@@ -109,11 +109,11 @@ cp "$P" "$T/p2.vhd"
 check "rebase -u onto another parent" "$VDISK" rebase -u -f vhd -b p2.vhd -F vhd "$C"
 vhdiinfo "$C" > "$T/vhdi.txt" 2>&1
 grep -q "Parent filename.*p2.vhd" "$T/vhdi.txt" && ok "vhdiinfo reads the new parent name" || fail "vhdiinfo reads the new parent name" "$(grep -i parent "$T/vhdi.txt")"
-"$VDISK" info -f vhd "$C" | grep -q "backing file: p2.vhd" && ok "vdisk info shows the new parent" || fail "vdisk info shows the new parent"
+grep -q "backing file: p2.vhd" <<<"$("$VDISK" info -f vhd "$C")" && ok "vdisk info shows the new parent" || fail "vdisk info shows the new parent"
 rm "$P"
 same_chain "differencing on its new parent" "$C" "$S"
 check "rebase -u with no parent" "$VDISK" rebase -u -f vhd -b "" "$C"
-vhdiinfo "$C" | grep -q "Disk type.*Dynamic" && ok "no parent: a dynamic disk" || fail "no parent: a dynamic disk"
+grep -q "Disk type.*Dynamic" <<<"$(vhdiinfo "$C")" && ok "no parent: a dynamic disk" || fail "no parent: a dynamic disk"
 # what came from the parent now reads as zeros
 qemu-img convert -f vpc -O raw "$C" "$T/c2.raw"
 cmp -s <(head -c 512 "$T/c2.raw") <(head -c 512 /dev/zero) && ok "no parent: the parent's sectors read zeros" || fail "no parent: the parent's sectors read zeros"
@@ -123,7 +123,7 @@ cmp -s <(head -c $((3 * MiB)) "$T/c2.raw" | tail -c 524288) <(head -c 524288 /de
 check "rebase -u of a dynamic disk onto a parent" "$VDISK" rebase -u -f vhd -b p2.vhd -F vhd "$C"
 check "it reads its own blocks as before (data, and zeros not the parent's)" "$VDISK" io -f vhd \
     -c "read -P 0xcd 2621440 524288" -c "read -P 0 8M 4M" -c "read -P 0xab 14M 2M" "$C"
-"$VDISK" info -f vhd "$C" | grep -q "backing file: p2.vhd" && ok "dynamic -> differencing: parent recorded" || fail "dynamic -> differencing: parent recorded"
+grep -q "backing file: p2.vhd" <<<"$("$VDISK" info -f vhd "$C")" && ok "dynamic -> differencing: parent recorded" || fail "dynamic -> differencing: parent recorded"
 check_fails "rebase -u onto a missing parent fails" "$VDISK" rebase -u -f vhd -b nothere.vhd -F vhd "$C"
 check_fails "rebase -u onto a non-VHD parent fails" "$VDISK" rebase -u -f vhd -b c2.raw -F raw "$C"
 echo "1..$_n"

@@ -9,7 +9,8 @@
 # them wait forever). Start fails loudly (non-zero, with the daemons' logs)
 # when the cluster is not usable within RBD_CLUSTER_TIMEOUT seconds (60).
 # RBD_OSD_STORE=memstore (default, data in memory) or bluestore (on a file
-# in DIR, survives an OSD restart). Only loopback addresses are used.
+# in DIR, survives an OSD restart). RBD_CEPH_CONF: more configuration lines
+# (appended as a second [global] section). Only loopback addresses are used.
 set -uo pipefail
 
 cmd=${1:-}; dir=${2:-}
@@ -118,6 +119,8 @@ osd journal size = 64
 osd class load list = *
 osd class default list = *
 CONF
+    # RBD_CEPH_CONF: more lines for [global] (bench/rbd.sh: BENCH_TUNED)
+    [ -z "${RBD_CEPH_CONF:-}" ] || printf '[global]\n%s\n' "$RBD_CEPH_CONF" >> "$dir/ceph.conf"
     local deadline=$((SECONDS + ${RBD_CLUSTER_TIMEOUT:-60}))
     timeout 30 monmaptool --create --clobber --fsid "$fsid" --addv a "[v2:127.0.0.1:$port]" \
         "$dir/monmap" > "$dir/mon-mkfs.out" 2>&1 \
