@@ -48,11 +48,11 @@ check_fails "create refuses an existing image" $VDISK create -f raw "$(R new1)" 
 # names: a namespace, and an escaped ':' in the image name, parsed as qemu-img does
 rbdc namespace create rbd/ns1 > /dev/null 2>&1
 check "create in a namespace (rbd:POOL/NS/IMAGE)" $VDISK create -f raw "rbd:rbd/ns1/nsimg:conf=$CONF" 16M
-rbdc ls rbd/ns1 2>/dev/null | grep -qx nsimg && ok "rbd lists it in the namespace" || fail "rbd lists it in the namespace" "$(rbdc ls rbd/ns1 2>&1)"
+grep -qx nsimg <<<"$(rbdc ls rbd/ns1 2>/dev/null)" && ok "rbd lists it in the namespace" || fail "rbd lists it in the namespace" "$(rbdc ls rbd/ns1 2>&1)"
 out=$(qemu-img info --output=json "rbd:rbd/ns1/nsimg:conf=$CONF" 2>&1)
 [ "$(jq -r '."virtual-size"' <<<"$out" 2>/dev/null)" = $((16 * MiB)) ] && ok "qemu-img finds it under the same name" || fail "qemu-img finds it under the same name" "$out"
 check "an escaped ':' belongs to the image name" $VDISK create -f raw "rbd:rbd/a\\:b:conf=$CONF" 16M
-rbdc ls rbd 2>/dev/null | grep -qx 'a:b' && ok "rbd lists image 'a:b'" || fail "rbd lists image 'a:b'" "$(rbdc ls rbd 2>&1)"
+grep -qx 'a:b' <<<"$(rbdc ls rbd 2>/dev/null)" && ok "rbd lists image 'a:b'" || fail "rbd lists image 'a:b'" "$(rbdc ls rbd 2>&1)"
 
 # ---- convert raw -> rbd -> raw ----
 check "convert raw -> rbd" $VDISK convert -f raw -O raw "$T/src.raw" "$(R img)"
@@ -301,14 +301,14 @@ stop_vdiskd v
 
 # an image without the exclusive-lock feature: RBD's advisory lock instead
 check "create an image with layering only" $VDISK create -f raw "$(R old rbd_default_features=1)" 16M
-rbdc info rbd/old 2>/dev/null | grep -q "exclusive-lock" && fail "image lacks exclusive-lock" || ok "image lacks exclusive-lock"
+grep -q "exclusive-lock" <<<"$(rbdc info rbd/old 2>/dev/null)" && fail "image lacks exclusive-lock" || ok "image lacks exclusive-lock"
 mkfifo "$T/hold2.in"
 $HELPER hold "$(R old)" < "$T/hold2.in" > "$T/hold2.out" 2>&1 &
 holder2=$!
 exec 8> "$T/hold2.in"
 on_exit "exec 8>&-; kill $holder2 2>/dev/null"
 for _ in $(seq 100); do grep -q open "$T/hold2.out" && break; sleep 0.1; done
-rbdc lock ls rbd/old 2>/dev/null | grep -q "vdisk" && ok "the writer holds an advisory lock" || fail "the writer holds an advisory lock" "$(rbdc lock ls rbd/old 2>&1)"
+grep -q "vdisk" <<<"$(rbdc lock ls rbd/old 2>/dev/null)" && ok "the writer holds an advisory lock" || fail "the writer holds an advisory lock" "$(rbdc lock ls rbd/old 2>&1)"
 out=$($HELPER write "$(R old)" 8 1 2>&1); rc=$?
 [ $rc -ne 0 ] && grep -q "advisory lock .* held by client" <<<"$out" && grep -q "rbd lock rm" <<<"$out" \
     && ok "a second writer is refused, told how to clear a dead owner's lock" || fail "a second writer is refused (advisory lock)" "rc $rc: $out"
@@ -318,7 +318,7 @@ check "and the next writer gets it" $HELPER write "$(R old)" 9 10
 
 # ---- errors: bounded in time, clear ----
 # a loopback port nobody listens on (below the test clusters' range)
-for dead in $(seq $((45000 + RANDOM % 900)) 45999); do ss -Htln "sport = :$dead" | grep -q . || break; done
+for dead in $(seq $((45000 + RANDOM % 900)) 45999); do [ -n "$(ss -Htln "sport = :$dead")" ] || break; done
 sed -E "s/^mon host = .*/mon host = v2:127.0.0.1:$dead/" "$CONF" > "$T/dead.conf"
 t0=$SECONDS
 out=$($VDISK info "rbd:rbd/img:conf=$T/dead.conf:timeout=3" 2>&1); rc=$?

@@ -57,7 +57,10 @@ grep -E 'resubmitted' "$T/serve.log" | sed 's/^/# /'
 if [ $restarts -eq 2 ]; then ok "vdiskd killed and restarted twice during the guest's passes"
 else fail "vdiskd killed and restarted twice during the guest's passes" "restarts: $restarts; $(tail -3 "$T/console" | tr '\n' ' ')"; fi
 if [ $rc -eq 0 ] && grep -q '^GUEST-OK' "$T/console"; then ok "guest: every pass verified across the restarts"
-else fail "guest: every pass verified across the restarts" "qemu rc $rc: $(tail -5 "$T/console" "$T/qemu.log" | tr '\n' ' ')"; fi
+else
+    fail "guest: every pass verified across the restarts" "qemu rc $rc: $(tail -5 "$T/console" "$T/qemu.log" | tr '\n' ' ')"
+    tail -40 "$T/serve.log" | sed 's/^/# serve: /'
+fi
 kill $D 2>/dev/null; wait $D 2>/dev/null
 check "image content as expected (qemu-img compare)" qemu-img compare -f raw -F raw "$T/expect.raw" "$T/vm.raw"
 if grep -qE 'AddressSanitizer|runtime error|LeakSanitizer' "$T/serve.log"; then
