@@ -503,7 +503,7 @@ void vd_loop_submit_io(struct vd_loop *l, struct vd_io *io)
 
 #define POLL_START_NS 4000u
 
-/* VDISK_POLL_NS from the environment, or -1 when unset or invalid. */
+/* VDISK_POLL_NS from the environment: -1 when unset, -2 when invalid. */
 static int64_t poll_env(void)
 {
     const char *s = getenv("VDISK_POLL_NS");
@@ -512,9 +512,21 @@ static int64_t poll_env(void)
     char *end;
     errno = 0;
     unsigned long long v = strtoull(s, &end, 10);
-    if (*end || errno || v > VD_LOOP_POLL_MAX_NS)
-        return -1;
+    if (*end || errno || s[0] == '-' || v > VD_LOOP_POLL_MAX_NS)
+        return -2;
     return (int64_t)v;
+}
+
+int vd_loop_poll_env(uint64_t *ns)
+{
+    int64_t v = poll_env();
+    if (v == -1)
+        return 0;
+    if (v < 0)
+        return vd_err(-EINVAL, "VDISK_POLL_NS=%s: expected nanoseconds from 0 to %u",
+                      getenv("VDISK_POLL_NS"), VD_LOOP_POLL_MAX_NS);
+    *ns = (uint64_t)v;
+    return 1;
 }
 
 static uint64_t poll_default(void)

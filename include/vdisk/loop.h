@@ -65,6 +65,9 @@ void vd_loop_stop(struct vd_loop *loop);
 void vd_loop_set_poll(struct vd_loop *loop, uint64_t max_ns);
 void vd_loop_enable_poll(struct vd_loop *loop);
 uint64_t vd_loop_get_poll(struct vd_loop *loop);     /* the max_ns in force */
+/* VDISK_POLL_NS: 0 when unset, 1 with *ns set, -EINVAL (vd_err message)
+ * when it is not a number of nanoseconds up to VD_LOOP_POLL_MAX_NS. */
+int vd_loop_poll_env(uint64_t *ns);
 
 /* Run fn(opaque) on a worker thread (shared pool), then done(opaque) on this
  * loop's thread: for slow, synchronous work (compression, metadata I/O). */

@@ -98,6 +98,9 @@ kill \$p; wait \$p; [ \"\$n\" = 67108864 ]"
 
 # ---- bad command lines ----
 check_fails "--export without file=" "$VDISKD" --nbd "unix:$T/x.sock" --export name=x
+out=$(VDISK_POLL_NS=5ms "$VDISKD" --nbd "unix:$T/x.sock" --export "name=x,file=$T/x.raw,format=raw" 2>&1); rc=$?
+[ $rc -eq 1 ] && grep -q "VDISK_POLL_NS=5ms: expected nanoseconds" <<<"$out" \
+    && ok "an invalid VDISK_POLL_NS is refused by name" || fail "an invalid VDISK_POLL_NS is refused by name" "rc $rc: $out"
 # Raw is never guessed: a guest could write an image header into its disk.
 out=$("$VDISKD" --nbd "unix:$T/x.sock" --export "file=$T/expect.raw,readonly=on" 2>&1); rc=$?
 if [ $rc -ne 0 ] && grep -q "format=raw" <<<"$out"; then ok "a raw image without format=raw is refused, naming format=raw"

@@ -15,6 +15,7 @@
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
+#include "vdisk/error.h"
 #include "vdisk/loop.h"
 
 static uint64_t ms_now(void)
@@ -609,29 +610,40 @@ static void poll_settings(void **s)
     assert_int_equal(vd_loop_get_poll(l), VD_LOOP_POLL_MAX_NS);
     vd_loop_free(l);
 
-    setenv("VDISK_POLL_NS", "0", 1);
-    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
-    vd_loop_enable_poll(l);
-    assert_int_equal(vd_loop_get_poll(l), 0);
-    vd_loop_set_poll(l, 1000);
-    assert_int_equal(vd_loop_get_poll(l), 1000);
-    vd_loop_free(l);
-
-    setenv("VDISK_POLL_NS", "20000", 1);
-    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
-    assert_int_equal(vd_loop_get_poll(l), 20000);
-    vd_loop_enable_poll(l);
-    assert_int_equal(vd_loop_get_poll(l), 20000);
-    vd_loop_free(l);
-
-    /* nonsense is ignored */
-    setenv("VDISK_POLL_NS", "12abc", 1);
-    assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
-    assert_int_equal(vd_loop_get_poll(l), 0);
-    vd_loop_enable_poll(l);
-    assert_int_equal(vd_loop_get_poll(l), VD_LOOP_POLL_NS_DEFAULT);
-    vd_loop_free(l);
+    /* VDISK_POLL_NS: what a new loop has, what it has after
+     * vd_loop_enable_poll, what vd_loop_poll_env says; nonsense is refused
+     * by vd_loop_poll_env (vdiskd exits) and ignored by the loops. */
+    static const struct {
+        const char *env;
+        uint64_t at_new, after_enable;
+        int env_rc;
+    } cases[] = {
+        { "0", 0, 0, 1 },
+        { "20000", 20000, 20000, 1 },
+        { "12abc", 0, VD_LOOP_POLL_NS_DEFAULT, -EINVAL },
+        { "-5", 0, VD_LOOP_POLL_NS_DEFAULT, -EINVAL },
+        { "10000001", 0, VD_LOOP_POLL_NS_DEFAULT, -EINVAL },
+    };
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
+        uint64_t ns = 0;
+        setenv("VDISK_POLL_NS", cases[i].env, 1);
+        assert_int_equal(vd_loop_poll_env(&ns), cases[i].env_rc);
+        if (cases[i].env_rc == 1)
+            assert_int_equal(ns, cases[i].at_new);
+        else
+            assert_non_null(strstr(vd_errmsg(-EINVAL), "VDISK_POLL_NS"));
+        assert_int_equal(vd_loop_new(VD_AIO_DEFAULT, &l), 0);
+        assert_int_equal(vd_loop_get_poll(l), cases[i].at_new);
+        vd_loop_enable_poll(l);
+        assert_int_equal(vd_loop_get_poll(l), cases[i].after_enable);
+        vd_loop_set_poll(l, 1000);          /* an explicit setting wins */
+        assert_int_equal(vd_loop_get_poll(l), 1000);
+        vd_loop_free(l);
+    }
     unsetenv("VDISK_POLL_NS");
+    uint64_t ns = 7;
+    assert_int_equal(vd_loop_poll_env(&ns), 0);
+    assert_int_equal(ns, 7);
 }
 
 struct poll_stop_ctx {

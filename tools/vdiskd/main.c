@@ -290,6 +290,11 @@ int main(int argc, char **argv)
         fprintf(stderr, "vdiskd: --stdio cannot be combined with --nbd\n");
         return 1;
     }
+    uint64_t poll_ns;
+    if (vd_loop_poll_env(&poll_ns) < 0) {     /* the loops would ignore it */
+        fprintf(stderr, "vdiskd: %s\n", vd_errmsg(-EINVAL));
+        return 1;
+    }
     if (!nexports && !control && !getenv("LISTEN_FDS")) {
         fprintf(stderr, "vdiskd: nothing to serve: give --export file=PATH, or --control to add exports later\n");
         return 1;
