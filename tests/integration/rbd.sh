@@ -5,8 +5,8 @@
 # the test loudly.
 source "$(dirname "$0")/../lib.sh"
 source "$VDISK_ROOT/tests/helpers/nbd_common.bash"
+source "$VDISK_ROOT/tests/helpers/rbd_common.bash"
 
-CLUSTER=$VDISK_ROOT/tests/rbd/cluster.sh
 # Cleanups run in order: this one first stops what may still use the
 # cluster (a daemon closing against a stopped cluster would wait for its
 # timeout), then the cluster.
@@ -19,14 +19,8 @@ rbd_cleanup() {
     "$CLUSTER" stop "$T/ceph" > /dev/null 2>&1
 }
 on_exit rbd_cleanup
-if ! CONF=$(RBD_CLUSTER_TIMEOUT=90 "$CLUSTER" start "$T/ceph" rbd 2> "$T/cluster.err"); then
-    fail "throwaway Ceph cluster starts" "$(tail -n 20 "$T/cluster.err" | tr '\n' ' ')"
-    exit 1
-fi
-ok "throwaway Ceph cluster starts"
+rbd_cluster_up
 
-R() { echo "rbd:rbd/$1:conf=$CONF${2:+:$2}"; }      # R IMAGE [OPTS]
-rbdc() { timeout 60 rbd -c "$CONF" "$@"; }
 MiB=1048576
 
 # The helper drives the library directly (hold an image open, write/verify).

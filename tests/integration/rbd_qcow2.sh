@@ -6,8 +6,8 @@
 # loop from answering another, and the result is a clean qcow2.
 source "$(dirname "$0")/../lib.sh"
 source "$VDISK_ROOT/tests/helpers/nbd_common.bash"
+source "$VDISK_ROOT/tests/helpers/rbd_common.bash"
 
-CLUSTER=$VDISK_ROOT/tests/rbd/cluster.sh
 rbdq_cleanup() {
     local p
     for p in ${q_pid:-} ${q2_pid:-} ${rd_pid:-} ${st_pid:-} ${rm_pid:-} ${wm_pid:-} ${dm_pid:-}; do kill -9 "$p" 2>/dev/null; done
@@ -15,12 +15,15 @@ rbdq_cleanup() {
     "$CLUSTER" stop "$T/ceph" > /dev/null 2>&1
 }
 on_exit rbdq_cleanup
-if ! CONF=$(RBD_CLUSTER_TIMEOUT=90 "$CLUSTER" start "$T/ceph" rbd 2> "$T/cluster.err"); then
-    fail "throwaway Ceph cluster starts" "$(tail -n 20 "$T/cluster.err" | tr '\n' ' ')"
-    exit 1
-fi
-ok "throwaway Ceph cluster starts"
-R() { echo "rbd:rbd/$1:conf=$CONF${2:+:$2}"; }
+rbd_cluster_up
+# probe_local N: while the OSD is stopped, write and read back 1 MiB of
+# pattern N on the local export of the same loop; sets rc, el (ms), out.
+probe_local() {
+    local t0
+    t0=$(date +%s%N)
+    out=$(timeout 20 qemu-io -f raw -c "write -P $1 0 1M" -c "read -P $1 0 1M" "$LN" 2>&1); rc=$?
+    el=$(( ($(date +%s%N) - t0) / 1000000 ))
+}
 MiB=1048576
 
 # 64 MiB: random data in the first half (the zone the writer churns), a
@@ -91,9 +94,7 @@ sleep 1
 timeout 60 qemu-io -f raw -c "read -P 0x5a $((40 * MiB)) 1M" "$QN" > "$T/rq.out" 2>&1 &
 rq=$!
 sleep 0.5
-t0=$(date +%s%N)
-out=$(timeout 20 qemu-io -f raw -c 'write -P 5 0 1M' -c 'read -P 5 0 1M' "$LN" 2>&1); rc=$?
-el=$(( ($(date +%s%N) - t0) / 1000000 ))
+probe_local 5
 kill -0 "$st_pid" 2>/dev/null && pending=yes || pending=no
 kill -CONT "$osd"; osd=
 wait "$st_pid"; strc=$?; st_pid=
@@ -103,7 +104,8 @@ wait "$rq"; rqrc=$?
 if [ $rc -eq 0 ] && [ $pending = yes ]; then
     ok "during a stalled qcow2 flush on rbd the local export on the same loop answers (${el} ms)"
 elif [ $rc -eq 0 ]; then
-    ok "during a stalled qcow2 flush on rbd the local export on the same loop answers # SKIP the flush was done before the check"
+    # not counted either way: the fresh daemon below stalls what must wait
+    echo "# the flush was done before the check (librbd acknowledged it from its cache)"
 else
     fail "during a stalled qcow2 flush on rbd the local export on the same loop answers" "rc $rc after ${el} ms, flush pending: $pending: $out"
 fi
@@ -128,9 +130,7 @@ wm_pid=$!
 timeout 60 qemu-io -f raw -d unmap -c "discard $((56 * MiB)) 1M" -c flush "$QN" > "$T/dm.out" 2>&1 &
 dm_pid=$!
 sleep 1
-t0=$(date +%s%N)
-out=$(timeout 20 qemu-io -f raw -c 'write -P 6 0 1M' -c 'read -P 6 0 1M' "$LN" 2>&1); rc=$?
-el=$(( ($(date +%s%N) - t0) / 1000000 ))
+probe_local 6
 kill -0 "$rm_pid" 2>/dev/null && pending=yes || pending=no
 kill -0 "$dm_pid" 2>/dev/null && dpending=yes || dpending=no
 kill -CONT "$osd"; osd=
