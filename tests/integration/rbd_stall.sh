@@ -103,4 +103,63 @@ $VDISK map --output=json "$(R rz)" > "$T/rz.vdisk.json" 2>&1
     && ok "the stalled raw map completes once the OSD is back, equal to vdisk map" \
     || fail "the stalled raw map completes, equal to vdisk map" "rc $brrc: $(cat "$T/br.err" "$T/cmp.out")"
 
+# A resize of the qcow2 on rbd while the OSD is stopped: the format's table
+# and header writes and the flush after them stall on a worker (through
+# the gate: the export's requests wait for it), the control command on the
+# control socket's command thread. Meanwhile the main loop still accepts
+# connections (a new one to the local export is served) and answers
+# another control client.
+G=1073741824
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+timeout 90 $VDISK ctl "$T/ctl.sock" block-resize "{\"name\": \"q\", \"size\": $((7 * G))}" > "$T/rs.out" 2>&1 &
+rs_pid=$!
+sleep 1
+probe_local 6
+qe=$(timeout 10 $VDISK ctl "$T/ctl.sock" query-exports 2>&1); qrc=$?
+kill -0 "$rs_pid" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"; osd=
+wait "$rs_pid"; rsrc=$?; rs_pid=
+[ $rc -eq 0 ] && [ $qrc -eq 0 ] && [ $pending = yes ] \
+    && ok "during a stalled resize of the qcow2 on rbd a new connection to the local export and the control socket answer (${el} ms)" \
+    || fail "during a stalled resize the local export and the control socket answer" \
+            "rc $rc after ${el} ms, query-exports rc $qrc, resize pending: $pending: $out $qe"
+size=$(timeout 20 nbdinfo --size "$QN" 2>&1)
+[ $rsrc -eq 0 ] && [ "$size" = $((7 * G)) ] \
+    && ok "the stalled resize completes once the OSD is back; nbdinfo sees 7 GiB" \
+    || fail "the stalled resize completes; nbdinfo sees 7 GiB" "rc $rsrc, size $size: $(cat "$T/rs.out")"
+timeout 30 nbdinfo --map --json "$QN" > "$T/qz7.nbd.json" 2>&1
+"$PY" -c '
+import json, sys
+m = json.load(open(sys.argv[1]))
+tail = [e for e in m if e["offset"] + e["length"] > 6 * 2**30]
+sys.exit(0 if tail and all(e["type"] == 3 for e in tail) and m[-1]["offset"] + m[-1]["length"] == 7 * 2**30 else 1)
+' "$T/qz7.nbd.json" && ok "block status of the grown part: a hole that reads as zeros" \
+    || fail "block status of the grown part" "$(tail -c 300 "$T/qz7.nbd.json")"
+
+# Removal while the OSD is stopped: unflushed qcow2 metadata (a new
+# cluster's L2 entry and refcount) must reach the cluster in the final
+# flush, which stalls on the command thread; the main loop serves on.
+check "an allocating write to the qcow2 on rbd, not flushed" \
+    nbdsh -u "$QN" -c 'h.pwrite(b"\x09" * 65536, 5 * 2**30 + 64 * 2**20)'
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+timeout 90 $VDISK ctl "$T/ctl.sock" export-del '{"name": "q"}' > "$T/del.out" 2>&1 &
+rs_pid=$!
+sleep 1
+probe_local 7
+qe=$(timeout 10 $VDISK ctl "$T/ctl.sock" query-exports 2>&1); qrc=$?
+kill -0 "$rs_pid" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"; osd=
+wait "$rs_pid"; rsrc=$?; rs_pid=
+[ $rc -eq 0 ] && [ $qrc -eq 0 ] && [ $pending = yes ] \
+    && ok "during a stalled export-del (its final flush) a new connection to the local export and the control socket answer (${el} ms)" \
+    || fail "during a stalled export-del the local export and the control socket answer" \
+            "rc $rc after ${el} ms, query-exports rc $qrc, export-del pending: $pending: $out $qe"
+[ $rsrc -eq 0 ] && ok "the stalled export-del completes once the OSD is back" \
+    || fail "the stalled export-del completes" "rc $rsrc: $(cat "$T/del.out")"
+check "qemu-img check (its rbd driver): the qcow2 on rbd is clean after removal" qemu-img check -f qcow2 "$(R qz)"
+check "and holds the write made before the removal" \
+    qemu-io -f qcow2 -r -c "read -P 9 $((5 * G + 64 * 1048576)) 64k" -c "read -P 6 $((5 * G + 3 * 1048576)) 192k" "$(R qz)"
+
 stop_vdiskd d
