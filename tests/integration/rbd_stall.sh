@@ -175,4 +175,42 @@ check "qemu-img check (its rbd driver): the qcow2 on rbd is clean after removal"
 check "and holds the write made before the removal" \
     qemu-io -f qcow2 -r -c "read -P 9 $((5 * G + 64 * 1048576)) 64k" -c "read -P 6 $((5 * G + 3 * 1048576)) 192k" "$(R qz)"
 
-stop_vdiskd d
+# export-add of an image on the stopped cluster: its open (the image's
+# header objects) stalls on the command thread, not on the main loop.
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+timeout 90 $VDISK ctl "$T/ctl.sock" export-add "{\"name\": \"q\", \"file\": \"$(R qz)\", \"format\": \"qcow2\"}" > "$T/add.out" 2>&1 &
+rs_pid=$!
+sleep 1
+probe_local 8
+qe=$(timeout 10 $VDISK ctl "$T/ctl.sock" query-exports 2>&1); qrc=$?
+kill -0 "$rs_pid" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"; osd=
+wait "$rs_pid"; rsrc=$?; rs_pid=
+[ $rc -eq 0 ] && [ $qrc -eq 0 ] && [ $pending = yes ] \
+    && ok "during a stalled export-add a new connection to the local export and the control socket answer (${el} ms)" \
+    || fail "during a stalled export-add the local export and the control socket answer" \
+            "rc $rc after ${el} ms, query-exports rc $qrc, export-add pending: $pending: $out $qe"
+[ $rsrc -eq 0 ] && ok "the stalled export-add completes once the OSD is back" \
+    || fail "the stalled export-add completes" "rc $rsrc: $(cat "$T/add.out")"
+
+# Shutdown (SIGTERM) with unflushed metadata and the OSD stopped: the final
+# flush runs on the main thread once its loop has stopped and the
+# connections are drained (nothing else waits on it then); vdiskd waits
+# for the cluster, then exits cleanly, and nothing is lost.
+check "another allocating write, not flushed" \
+    nbdsh -u "$QN" -c 'h.pwrite(b"\x0a" * 65536, 4 * 2**30 + 64 * 2**20)'
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+kill -TERM "$d_pid"
+sleep 1
+kill -0 "$d_pid" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"; osd=
+wait "$d_pid"; drc=$?
+[ $pending = yes ] && [ $drc -eq 0 ] && sanitizer_clean "$T/d.log" \
+    && ok "SIGTERM during a stall: vdiskd waits for the final flush, then exits cleanly" \
+    || fail "SIGTERM during a stall: vdiskd waits for the final flush, then exits cleanly" \
+            "waiting: $pending, rc $drc: $(grep -m4 -E 'Sanitizer|runtime error|error' "$T/d.log" | tr '\n' ' ')"
+check "qemu-img check: the qcow2 on rbd is clean after the shutdown" qemu-img check -f qcow2 "$(R qz)"
+check "and holds the write made before it" \
+    qemu-io -f qcow2 -r -c "read -P 10 $((4 * G + 64 * 1048576)) 64k" -c "read -P 9 $((5 * G + 64 * 1048576)) 64k" "$(R qz)"
