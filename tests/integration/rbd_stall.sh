@@ -72,6 +72,8 @@ qemu-img create -q -f raw "$T/r.raw" 256M
 qemu-io -f raw -c "write -P 7 8M 4M" -c "write -P 8 200M 1M" "$T/r.raw" > /dev/null
 check "convert a raw image to rbd" $VDISK convert -f raw -O raw "$T/r.raw" "$(R rz)"
 truncate -s 16M "$T/local.raw"
+# the qcow2's length on rbd: closing trimmed the RBD image to it
+size0=$(rbdc info rbd/qz --format json 2>/dev/null | jq -r .size)
 
 # one loop thread: the RBD exports and a local one share it
 start_vdiskd d --nbd "unix:$T/d.sock" --control "$T/ctl.sock" --threads 1 --log-level=error \
@@ -115,6 +117,33 @@ $VDISK map --output=json "$(R rz)" > "$T/rz.vdisk.json" 2>&1
     && grep -q '"offset": *8388608' "$T/rz.nbd.json" \
     && ok "the stalled raw map completes once the OSD is back, equal to vdisk map" \
     || fail "the stalled raw map completes, equal to vdisk map" "rc $brrc: $(cat "$T/br.err" "$T/cmp.out")"
+
+# A write that grows the RBD image (rbd_resize, a cluster round trip) while
+# the OSD is stopped. vdiskd grows the image ahead in steps of 64 MiB (4 MiB
+# aligned) from its length at open, and qcow2 appends a 64 KiB cluster per
+# fresh one: fill the first step with the OSD running (the L2 table and the
+# refcount block are then cached), then the next fresh cluster needs the
+# image grown, which stalls on a worker, not on the loop.
+C=65536
+gap=$(( (size0 + 64 * MiB + 4 * MiB - 1) / (4 * MiB) * (4 * MiB) - size0 ))
+check "fill the first growth step of the qcow2 on rbd ($((gap / C)) fresh clusters)" \
+    qemu-io -f raw -c "write -P 4 $((64 * MiB)) $(( gap / C * C ))" "$QN"
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+timeout 90 qemu-io -f raw -c "write -P 5 $((64 * MiB + gap / C * C)) $C" "$QN" > "$T/gw.out" 2>&1 &
+rs_pid=$!
+sleep 1
+probe_local 9
+kill -0 "$rs_pid" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"; osd=
+wait "$rs_pid"; rsrc=$?; rs_pid=
+[ $rc -eq 0 ] && [ $pending = yes ] \
+    && ok "during a stalled growth of the rbd image under a write the local export on the same loop answers (${el} ms)" \
+    || fail "during a stalled growth of the rbd image the local export on the same loop answers" \
+            "rc $rc after ${el} ms, write pending: $pending: $out"
+[ $rsrc -eq 0 ] && check "the write completes once the OSD is back, data verified" \
+    qemu-io -f raw -c "read -P 4 $((64 * MiB)) $(( gap / C * C ))" -c "read -P 5 $((64 * MiB + gap / C * C)) $C" "$QN" \
+    || fail "the write that grows the image completes" "rc $rsrc: $(cat "$T/gw.out")"
 
 # A resize of the qcow2 on rbd while the OSD is stopped: the format's table
 # and header writes and the flush after them stall on a worker (through
