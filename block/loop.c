@@ -517,9 +517,9 @@ void vd_loop_submit_io(struct vd_loop *l, struct vd_io *io)
  * flush point of this iteration and are tried there with
  * preadv2(RWF_NOWAIT), which copies what is cached and refuses (EAGAIN)
  * instead of waiting for the disk. A refused or partly done read goes to
- * the engine whole; after a refusal the next il_backoff reads skip the try
- * (doubling while they keep missing, so a cold or larger-than-memory
- * working set costs few wasted calls). Completions run here, like reaped
+ * the engine whole; after a refusal the next il_backoff reads (queued or
+ * still to come) skip the try (doubling while they keep missing, so a
+ * cold or larger-than-memory working set costs few wasted calls). Completions run here, like reaped
  * ones, never inside vd_loop_submit_io. */
 
 #define IL_BACKOFF_MAX 1024u
@@ -546,6 +546,11 @@ static int run_inline(struct vd_loop *l)
         l->il_head = io->next;
         if (!l->il_head)
             l->il_tail = NULL;
+        if (l->il_skip) {           /* a read of this batch missed: the rest too, likely */
+            l->il_skip--;
+            l->eops->submit(l->engine, io);
+            continue;
+        }
         vd_io_begin(io);
         ssize_t n = preadv2(io->file->fd, io->cur_iov, io->cur_iovcnt, (off_t)io->off, RWF_NOWAIT);
         int res;
