@@ -428,7 +428,7 @@ int vd_image_create(const char *filename, const char *fmt_name, struct vd_create
     return r;
 }
 
-int vd_disk_resize(struct vd_disk *d, uint64_t size, enum vd_prealloc prealloc)
+int vd_disk_resize_now(struct vd_disk *d, uint64_t size, enum vd_prealloc prealloc)
 {
     struct vd_layer *l = d->top;
     if (d->readonly)
@@ -437,12 +437,38 @@ int vd_disk_resize(struct vd_disk *d, uint64_t size, enum vd_prealloc prealloc)
         return vd_err(-ENOTSUP, "%s: format '%s' cannot be resized", l->filename, l->fmt->name);
     pthread_mutex_lock(&l->lock);
     int r = l->fmt->resize(l, size, prealloc);
-    if (r == 0)
-        l->size = size;
+    if (r == 0)     /* loops read it unlocked when they check a request's range */
+        __atomic_store_n(&l->size, size, __ATOMIC_RELEASE);
     pthread_mutex_unlock(&l->lock);
     if (r == 0)
         r = vd_layer_flush_sync(l);
     return r;
+}
+
+struct wait_cb {
+    bool done;
+    int res;
+};
+
+static void wait_cb_done(void *opaque, int res)
+{
+    struct wait_cb *w = opaque;
+    w->res = res;
+    w->done = true;
+}
+
+int vd_disk_resize(struct vd_disk *d, uint64_t size, enum vd_prealloc prealloc)
+{
+    if (!d->remote)
+        return vd_disk_resize_now(d, size, prealloc);
+    struct vd_loop *loop = vd_loop_current();
+    if (!loop)
+        return vd_err(-ENOMEM, "cannot create an event loop");
+    struct wait_cb w = {0};
+    vd_disk_resize_async(d, size, prealloc, wait_cb_done, &w);
+    while (!w.done)
+        vd_loop_run_once(loop, -1);
+    return w.res;
 }
 
 /* ---- synchronous wrappers: run this thread's loop until the request is done ---- */

@@ -20,6 +20,7 @@ struct vd_disk {
      * zero and flush wait for the requests in flight, run alone, and
      * requests that arrive meanwhile queue here. */
     bool gated;
+    bool remote;                /* some layer's file is remote (gated or not) */
     pthread_mutex_t gate_lock;
     int gate_active;            /* requests admitted and not finished */
     bool gate_meta;             /* a metadata op owns the disk */
@@ -42,5 +43,14 @@ struct vd_inflight {
 
 /* Flush one layer's metadata and sync its file (synchronously). */
 int vd_layer_flush_sync(struct vd_layer *l);
+/* vd_disk_resize's work, on the calling thread (a worker for remote disks). */
+int vd_disk_resize_now(struct vd_disk *d, uint64_t size, enum vd_prealloc prealloc);
+
+/* Core-private request ops, just past the public enum vd_op (kept small,
+ * within the values the enum can hold): block status and resize of disks
+ * with remote layers travel as requests, so that the gate orders them with
+ * the rest (request.c). A new public op goes before these. */
+#define VD_OP_STATUS_ ((enum vd_op)(VD_OP_WRITE_ZEROES + 1))
+#define VD_OP_RESIZE_ ((enum vd_op)(VD_OP_WRITE_ZEROES + 2))
 
 #endif

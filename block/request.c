@@ -8,6 +8,7 @@
  * Every request holds one reference for its issuer plus one per sub-op in
  * flight (r->pending); the last one out completes the request. */
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -41,6 +42,8 @@ static void submit(struct vd_disk *d, struct vd_req *r, bool gate);
 static void gate_leave(struct vd_disk *d);
 static bool gate_enter(struct vd_disk *d, struct vd_req *r, int kind);
 static void meta_start(struct vd_req *r, int kind);
+static int status_plan(struct vd_req *r);
+static int resize_run(struct vd_req *r);
 
 /* core-private bit of r->flags: the request is counted in its disk's gate */
 #define REQ_F_GATED 0x80000000u
@@ -50,7 +53,7 @@ static void meta_start(struct vd_req *r, int kind);
 struct plan;
 static __thread struct plan *tl_plan;
 static void plan_defer(struct plan *p, struct vd_io *io);
-enum plan_kind { PLAN_READ, PLAN_WRITE, PLAN_RANGE, PLAN_COMMIT };
+enum plan_kind { PLAN_READ, PLAN_WRITE, PLAN_RANGE, PLAN_COMMIT, PLAN_STATUS };
 struct subio;
 struct waiter;
 static void plan_start(struct vd_req *r, enum plan_kind kind, struct waiter *w, struct subio *s, int res);
@@ -740,6 +743,137 @@ static int discard_start(struct vd_req *r)
     return ret == -ENOTSUP ? 0 : ret;
 }
 
+/* ---- block status and resize of disks with remote layers ----
+ * Both call into the formats, whose tables may have to be read from (or
+ * written to) the network: on a disk with a remote layer they travel as
+ * core-private requests. Block status is an ordinary request of the gate
+ * (it waits for a discard, zero or flush that owns the disk, and they wait
+ * for it) planned on a worker like a read; resize is a metadata op (it
+ * runs alone). Disks whose layers are all local answer on the spot. */
+
+struct status_req {
+    struct vd_req r;
+    struct vd_extent *e;
+    unsigned max;
+    int n;
+    vd_disk_cb cb;
+    void *opaque;
+};
+
+struct resize_req {
+    struct vd_req r;
+    uint64_t size;
+    enum vd_prealloc prealloc;
+    vd_disk_cb cb;
+    void *opaque;
+};
+
+/* Up to max extents from off: how many, or -errno when not even one. */
+static int status_fill(struct vd_disk *d, uint64_t off, uint64_t len, struct vd_extent *e,
+                       unsigned max)
+{
+    unsigned n = 0;
+    uint64_t end = off + len;
+    while (n < max && off < end) {
+        int r = vd_disk_block_status(d, off, end - off, &e[n]);
+        if (r < 0)
+            return n ? (int)n : r;  /* the caller asks again from there */
+        off += e[n].len;
+        n++;
+    }
+    return (int)n;
+}
+
+/* On a worker (PLAN_STATUS). */
+static int status_plan(struct vd_req *r)
+{
+    struct status_req *s = (struct status_req *)r;
+    int n = status_fill(r->disk, r->off, r->len, s->e, s->max);
+    if (n < 0)
+        return n;
+    s->n = n;
+    return 0;
+}
+
+static void status_req_done(struct vd_req *r, int res)
+{
+    struct status_req *s = (struct status_req *)r;
+    vd_disk_cb cb = s->cb;
+    void *opaque = s->opaque;
+    int n = s->n;
+    free(s);
+    cb(opaque, res < 0 ? res : n);
+}
+
+void vd_disk_block_status_async(struct vd_disk *d, uint64_t off, uint64_t len, struct vd_extent *e,
+                                unsigned max, vd_disk_cb cb, void *opaque)
+{
+    uint64_t size = d->top->size;
+    if (off >= size || len == 0 || max == 0) {
+        cb(opaque, vd_err(-EINVAL, "%s: block status at offset %llu is past the end",
+                          d->top->filename, (unsigned long long)off));
+        return;
+    }
+    if (len > size - off)
+        len = size - off;
+    if (max > INT_MAX)
+        max = INT_MAX;
+    if (!d->remote) {
+        cb(opaque, status_fill(d, off, len, e, max));
+        return;
+    }
+    struct status_req *s = calloc(1, sizeof(*s));
+    if (!s) {
+        cb(opaque, -ENOMEM);
+        return;
+    }
+    *s = (struct status_req){ .e = e, .max = max, .cb = cb, .opaque = opaque };
+    s->r = (struct vd_req){ .op = VD_OP_STATUS_, .off = off, .len = len, .done = status_req_done };
+    submit(d, &s->r, true);
+}
+
+/* On a worker (meta_run), with the disk to itself when it is gated. */
+static int resize_run(struct vd_req *r)
+{
+    struct resize_req *z = (struct resize_req *)r;
+    return vd_disk_resize_now(r->disk, z->size, z->prealloc);
+}
+
+static void resize_req_done(struct vd_req *r, int res)
+{
+    struct resize_req *z = (struct resize_req *)r;
+    vd_disk_cb cb = z->cb;
+    void *opaque = z->opaque;
+    free(z);
+    cb(opaque, res);
+}
+
+void vd_disk_resize_async(struct vd_disk *d, uint64_t size, enum vd_prealloc prealloc,
+                          vd_disk_cb cb, void *opaque)
+{
+    struct vd_layer *l = d->top;
+    if (!d->remote) {
+        cb(opaque, vd_disk_resize_now(d, size, prealloc));
+        return;
+    }
+    if (d->readonly) {
+        cb(opaque, vd_err(-EROFS, "%s: image is read-only", l->filename));
+        return;
+    }
+    if (!l->fmt->resize) {
+        cb(opaque, vd_err(-ENOTSUP, "%s: format '%s' cannot be resized", l->filename, l->fmt->name));
+        return;
+    }
+    struct resize_req *z = calloc(1, sizeof(*z));
+    if (!z) {
+        cb(opaque, -ENOMEM);
+        return;
+    }
+    *z = (struct resize_req){ .size = size, .prealloc = prealloc, .cb = cb, .opaque = opaque };
+    z->r = (struct vd_req){ .op = VD_OP_RESIZE_, .done = resize_req_done };
+    submit(d, &z->r, true);
+}
+
 /* ---- planning on a worker ----
  * On a gated disk every call into the format (map, alloc, commit, the
  * copy-on-write reads, compressed units) may be metadata I/O over the
@@ -790,6 +924,9 @@ static void plan_run(void *opaque)
     case PLAN_COMMIT:
         p->res = alloc_commit(p->s, p->res);
         break;
+    case PLAN_STATUS:
+        p->ret = status_plan(r);
+        break;
     }
     tl_plan = NULL;
     p->err = p->ret < 0 ? p->ret : p->res < 0 ? p->res : __atomic_load_n(&r->err, __ATOMIC_RELAXED);
@@ -810,6 +947,7 @@ static void plan_done(void *opaque)
     }
     switch (p->kind) {
     case PLAN_READ:
+    case PLAN_STATUS:
         req_put(r, p->ret);
         break;
     case PLAN_WRITE:
@@ -908,6 +1046,7 @@ void vd_disk_gate_init(struct vd_disk *d)
     bool remote = false;
     for (struct vd_layer *l = d->top; l; l = l->backing)
         remote |= remote_file(l->file);
+    d->remote = remote;
     d->gated = remote && !(!d->top->backing && zero_async(d->top) && !d->top->fmt->flush);
 }
 
@@ -920,6 +1059,8 @@ void vd_disk_gate_fini(struct vd_disk *d)
 static int meta_kind(const struct vd_disk *d, const struct vd_req *r)
 {
     const struct vd_layer *l = d->top;
+    if (r->op == VD_OP_RESIZE_)
+        return VD_OP_RESIZE_;
     switch (r->op) {
     case VD_OP_FLUSH:
         return l->fmt->flush ? VD_OP_FLUSH : -1;
@@ -1027,6 +1168,12 @@ static void meta_run(void *opaque)
     struct vd_req *r = j->r;
     struct vd_layer *l = r->disk->top;
     vd_err_clear();
+    if (j->kind == VD_OP_RESIZE_) {     /* takes the lock and flushes itself */
+        j->ret = resize_run(r);
+        if (j->ret < 0)
+            snprintf(j->msg, sizeof(j->msg), "%s", vd_errmsg(j->ret));
+        return;
+    }
     pthread_mutex_lock(&l->lock);
     switch (j->kind) {
     case VD_OP_DISCARD:
@@ -1053,8 +1200,11 @@ static void meta_done(void *opaque)
     if (ret < 0 && ret != -ENOTSUP)
         vd_err(ret, "%s", j->msg);
     free(j);
-    gate_meta_end(r);
+    if (r->disk->gated)
+        gate_meta_end(r);
     switch (kind) {
+    case VD_OP_RESIZE_:             /* flushed and synced on the worker */
+        break;
     case VD_OP_DISCARD:
         if (ret == -ENOTSUP)
             ret = 0;                /* advisory */
@@ -1085,7 +1235,8 @@ static void meta_start(struct vd_req *r, int kind)
 {
     struct meta_job *j = calloc(1, sizeof(*j));
     if (!j) {
-        gate_meta_end(r);
+        if (r->disk->gated)
+            gate_meta_end(r);
         req_put(r, -ENOMEM);
         return;
     }
@@ -1101,6 +1252,14 @@ static void dispatch(struct vd_req *r)
 {
     struct vd_disk *d = r->disk;
     int ret = 0;
+    if (r->op == VD_OP_STATUS_) {       /* remote disks only: on a worker */
+        plan_start(r, PLAN_STATUS, NULL, NULL, 0);
+        return;
+    }
+    if (r->op == VD_OP_RESIZE_) {       /* remote, not gated: on a worker, unordered */
+        meta_start(r, VD_OP_RESIZE_);
+        return;
+    }
     switch (r->op) {
     case VD_OP_READ:
         if (d->gated) {
@@ -1159,7 +1318,7 @@ static void submit(struct vd_disk *d, struct vd_req *r, bool gate)
         ret = vd_err(-EINVAL, "%s: request at offset %llu, length %llu is past the end (%llu)",
                      d->top->filename, (unsigned long long)r->off, (unsigned long long)r->len,
                      (unsigned long long)size);
-    else if (d->readonly && r->op != VD_OP_READ && r->op != VD_OP_FLUSH)
+    else if (d->readonly && r->op != VD_OP_READ && r->op != VD_OP_FLUSH && r->op != VD_OP_STATUS_)
         ret = vd_err(-EROFS, "%s: image is read-only", d->top->filename);
     if (ret < 0 || !r->disk || !r->loop) {
         r->pending = 0;
@@ -1168,8 +1327,8 @@ static void submit(struct vd_disk *d, struct vd_req *r, bool gate)
     }
     /* writethrough / directsync: every write is durable when it completes
      * (the parts of a request, submitted ungated, leave that to it) */
-    if (gate && r->op != VD_OP_READ && r->op != VD_OP_FLUSH &&
-        (d->opts.cache == VD_CACHE_WRITETHROUGH || d->opts.cache == VD_CACHE_DIRECTSYNC))
+    if (gate && r->op != VD_OP_READ && r->op != VD_OP_FLUSH && r->op != VD_OP_STATUS_ &&
+        r->op != VD_OP_RESIZE_ && (d->opts.cache == VD_CACHE_WRITETHROUGH || d->opts.cache == VD_CACHE_DIRECTSYNC))
         r->flags |= VD_REQ_FUA;
     if (gate && d->gated) {
         int kind = meta_kind(d, r);

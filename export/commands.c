@@ -84,6 +84,35 @@ static int cmd_export_del(json_t *args, json_t **ret)
     return 0;
 }
 
+/* block-resize {"name": N, "size": BYTES}: any export's disk; the type
+ * tells its users if it can (vhost-user-blk: a config change). New NBD
+ * connections see the new size; those already open keep the old one. */
+static int cmd_block_resize(json_t *args, json_t **ret)
+{
+    const char *name = json_string_value(json_object_get(args, "name"));
+    json_t *jsize = json_object_get(args, "size");
+    if (!name || !json_is_integer(jsize) || json_integer_value(jsize) <= 0)
+        return vd_err(-EINVAL, "block-resize needs name and a positive size");
+    uint64_t size = (uint64_t)json_integer_value(jsize);
+    if (size % 512)
+        return vd_err(-EINVAL, "size %llu is not a multiple of 512", (unsigned long long)size);
+    struct vd_export *e = vd_export_get(name, NULL);
+    if (!e || strcmp(e->name, name)) {
+        if (e)
+            vd_export_put(e);
+        return vd_err(-ENOENT, "no export named '%s'", name);
+    }
+    int r = e->readonly ? vd_err(-EROFS, "export '%s' is read-only", name)
+                        : vd_disk_resize(e->disk, size, VD_PREALLOC_OFF);
+    if (r == 0 && e->type->resized)
+        r = e->type->resized(e);
+    if (r == 0)
+        vd_log(VD_LOG_INFO, "export '%s': resized to %llu bytes", name, (unsigned long long)size);
+    vd_export_put(e);
+    *ret = NULL;
+    return r;
+}
+
 static void add_info(struct vd_export *e, void *opaque)
 {
     json_array_append_new(opaque, vd_export_info_json(e));
@@ -129,8 +158,10 @@ static int cmd_query_version(json_t *args, json_t **ret)
 
 __attribute__((constructor)) static void register_commands(void)
 {
-    vd_control_register("export-add", cmd_export_add);
-    vd_control_register("export-del", cmd_export_del);
+    /* they open, drain, flush and close disks: off the loop */
+    vd_control_register_blocking("export-add", cmd_export_add);
+    vd_control_register_blocking("export-del", cmd_export_del);
+    vd_control_register_blocking("block-resize", cmd_block_resize);
     vd_control_register("query-exports", cmd_query_exports);
     vd_control_register("query-stats", cmd_query_stats);
     vd_control_register("query-version", cmd_query_version);

@@ -1,7 +1,12 @@
 /* The control socket server: newline-delimited JSON requests on a Unix
  * socket, answered in order; events are broadcast to every client. Runs
- * on one loop (the daemon's main loop). A client's input line and its
- * unsent output are bounded; one that exceeds them is dropped. */
+ * on one loop (the daemon's main loop, which also accepts NBD connections).
+ * Commands registered as blocking (they open, drain, flush or resize disks:
+ * a cluster round trip each on RBD, or the RBD timeout when an OSD is
+ * dead) run one at a time on the server's command thread instead, so the
+ * loop goes on serving; the client that sent one waits for its reply
+ * before its next request is read. A client's input line and its unsent
+ * output are bounded; one that exceeds them is dropped. */
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -24,6 +29,7 @@
 struct cmd {
     const char *name;
     vd_control_fn fn;
+    bool blocking;
 };
 static struct cmd cmds[MAX_CMDS];
 static size_t ncmds;
@@ -31,6 +37,9 @@ static pthread_mutex_t cmd_lock = PTHREAD_MUTEX_INITIALIZER;
 
 struct client {
     struct vd_control *srv;
+    uint64_t id;                /* names the client to the command thread */
+    bool waiting;               /* a blocking command of its own is running */
+    size_t in_scan;             /* bytes of in already searched for a newline */
     int fd;
     char *in;
     size_t in_len, in_cap;
@@ -40,37 +49,75 @@ struct client {
     struct client *next;
 };
 
+struct ev_job {
+    struct vd_control *srv;
+    char *text;
+    struct ev_job *next;
+};
+
+/* A blocking command for the command thread, and then its reply. */
+struct job {
+    uint64_t client;
+    json_t *req;
+    char *reply;                /* JSON text */
+    struct ev_job *evs, **evs_tail;     /* its events, sent after the reply */
+    struct job *next;
+};
+/* The job the command thread is running (its events wait for its reply). */
+static __thread struct job *tl_job;
+
 struct vd_control {
     struct vd_loop *loop;
     int lfd;
     char *path;
     struct client *clients;
+    uint64_t next_id;
+    /* the command thread: todo → run → done, under jlock */
+    pthread_t thread;
+    bool thread_started, stopping;
+    pthread_mutex_t jlock;
+    pthread_cond_t jcond;
+    struct job *todo, **todo_tail;
+    struct job *done, **done_tail;
 };
 
 static pthread_mutex_t srv_lock = PTHREAD_MUTEX_INITIALIZER;
 static struct vd_control *the_server;   /* for events */
 
-void vd_control_register(const char *name, vd_control_fn fn)
+static void register_cmd(const char *name, vd_control_fn fn, bool blocking)
 {
     pthread_mutex_lock(&cmd_lock);
     size_t i;
     for (i = 0; i < ncmds && strcmp(cmds[i].name, name); i++)
         ;
     if (i < MAX_CMDS) {
-        cmds[i] = (struct cmd){ name, fn };
+        cmds[i] = (struct cmd){ name, fn, blocking };
         if (i == ncmds)
             ncmds++;
     }
     pthread_mutex_unlock(&cmd_lock);
 }
 
-static vd_control_fn find_cmd(const char *name)
+void vd_control_register(const char *name, vd_control_fn fn)
+{
+    register_cmd(name, fn, false);
+}
+
+void vd_control_register_blocking(const char *name, vd_control_fn fn)
+{
+    register_cmd(name, fn, true);
+}
+
+static vd_control_fn find_cmd(const char *name, bool *blocking)
 {
     vd_control_fn fn = NULL;
     pthread_mutex_lock(&cmd_lock);
     for (size_t i = 0; i < ncmds; i++)
-        if (!strcmp(cmds[i].name, name))
+        if (!strcmp(cmds[i].name, name)) {
             fn = cmds[i].fn;
+            if (blocking)
+                *blocking = cmds[i].blocking;
+        }
     pthread_mutex_unlock(&cmd_lock);
     return fn;
 }
@@ -104,7 +151,7 @@ json_t *vd_control_execute(json_t *req)
     else if (args && !json_is_object(args))
         reply = error_reply("InvalidRequest", "\"arguments\" must be an object");
     else {
-        vd_control_fn fn = find_cmd(json_string_value(exe));
+        vd_control_fn fn = find_cmd(json_string_value(exe), NULL);
         if (!fn) {
             char msg[300];
             snprintf(msg, sizeof msg, "unknown command '%.200s'", json_string_value(exe));
@@ -194,13 +241,17 @@ static int client_flush(struct client *cl)
         memmove(cl->out, cl->out + n, cl->out_len - (size_t)n);
         cl->out_len -= (size_t)n;
     }
-    uint32_t ev = EPOLLIN | (cl->out_len ? EPOLLOUT : 0);
+    /* a client waiting for a blocking command's reply sends nothing more
+     * for now (its input stays in the socket) */
+    uint32_t ev = (cl->waiting ? 0 : EPOLLIN) | (cl->out_len ? EPOLLOUT : 0);
     if (ev != cl->events) {
         vd_loop_mod_fd(cl->srv->loop, cl->fd, ev);
         cl->events = ev;
     }
     return 0;
 }
+
+static int job_queue(struct client *cl, json_t *req);
 
 static void handle_line(struct client *cl, char *line, size_t len)
 {
@@ -216,6 +267,13 @@ static void handle_line(struct client *cl, char *line, size_t len)
         snprintf(msg, sizeof msg, "JSON parse error: %s", jerr.text);
         reply = error_reply("InvalidRequest", msg);
     } else {
+        json_t *exe = json_object_get(req, "execute");
+        bool blocking = false;
+        if (json_is_string(exe) && find_cmd(json_string_value(exe), &blocking) && blocking &&
+            job_queue(cl, req) == 0) {
+            cl->waiting = true;     /* deliver() answers and reads on */
+            return;
+        }
         reply = vd_control_execute(req);
         json_decref(req);
     }
@@ -223,10 +281,29 @@ static void handle_line(struct client *cl, char *line, size_t len)
     json_decref(reply);
 }
 
+/* Answer the complete lines in the input, stopping after one that went to
+ * the command thread. */
+static void client_lines(struct client *cl)
+{
+    size_t start = 0, i = cl->in_scan;
+    for (; i < cl->in_len && !cl->waiting; i++)
+        if (cl->in[i] == '\n') {
+            handle_line(cl, cl->in + start, i - start);
+            start = i + 1;
+        }
+    memmove(cl->in, cl->in + start, cl->in_len - start);
+    cl->in_len -= start;
+    cl->in_scan = i - start;
+}
+
 static void client_event(struct vd_loop *loop, int fd, uint32_t events, void *opaque)
 {
     struct client *cl = opaque;
-    if (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+    if (cl->waiting && (events & (EPOLLHUP | EPOLLERR))) {
+        client_free(cl);            /* gone: its reply will find nobody */
+        return;
+    }
+    if ((events & (EPOLLIN | EPOLLHUP | EPOLLERR)) && !cl->waiting) {
         for (;;) {
             if (cl->in_cap - cl->in_len < 4096) {
                 if (cl->in_cap >= MAX_LINE + 4096) {
@@ -255,25 +332,144 @@ static void client_event(struct vd_loop *loop, int fd, uint32_t events, void *op
                 client_free(cl);
                 return;
             }
-            size_t start = 0;
-            for (size_t i = cl->in_len; i < cl->in_len + (size_t)n; i++)
-                if (cl->in[i] == '\n') {
-                    handle_line(cl, cl->in + start, i - start);
-                    start = i + 1;
-                }
             cl->in_len += (size_t)n;
-            memmove(cl->in, cl->in + start, cl->in_len - start);
-            cl->in_len -= start;
+            client_lines(cl);
             if (cl->in_len > MAX_LINE) {
                 client_send_json(cl, error_reply("InvalidRequest", "request line too long"));
                 client_flush(cl);
                 client_free(cl);
                 return;
             }
+            if (cl->waiting)
+                break;              /* the rest waits in the socket */
         }
     }
     if (client_flush(cl) < 0)
         client_free(cl);
+}
+
+/* ---- the command thread ---- */
+
+static void *cmd_thread(void *opaque);
+static void deliver(void *opaque);
+static void broadcast(void *opaque);
+
+/* Hand req (consumed on success) to the command thread. */
+static int job_queue(struct client *cl, json_t *req)
+{
+    struct vd_control *s = cl->srv;
+    struct job *j = calloc(1, sizeof *j);
+    if (!j)
+        return -ENOMEM;
+    if (!s->thread_started) {
+        if (pthread_create(&s->thread, NULL, cmd_thread, s) != 0) {
+            free(j);
+            return -EAGAIN;         /* the caller runs it here, as it would have */
+        }
+        s->thread_started = true;
+    }
+    j->client = cl->id;
+    j->req = req;
+    pthread_mutex_lock(&s->jlock);
+    *s->todo_tail = j;
+    s->todo_tail = &j->next;
+    pthread_cond_signal(&s->jcond);
+    pthread_mutex_unlock(&s->jlock);
+    return 0;
+}
+
+/* Blocking commands, one at a time, in the order they came; each reply goes
+ * back to the loop (deliver). Queued commands not started when the server
+ * closes are dropped (the daemon's shutdown removes every export anyway). */
+static void *cmd_thread(void *opaque)
+{
+    struct vd_control *s = opaque;
+    pthread_mutex_lock(&s->jlock);
+    for (;;) {
+        while (!s->todo && !s->stopping)
+            pthread_cond_wait(&s->jcond, &s->jlock);
+        if (s->stopping)
+            break;
+        struct job *j = s->todo;
+        s->todo = j->next;
+        if (!s->todo)
+            s->todo_tail = &s->todo;
+        pthread_mutex_unlock(&s->jlock);
+        j->evs_tail = &j->evs;
+        tl_job = j;
+        json_t *reply = vd_control_execute(j->req);
+        tl_job = NULL;
+        j->reply = json_dumps(reply, JSON_COMPACT);
+        json_decref(reply);
+        json_decref(j->req);
+        j->req = NULL;
+        j->next = NULL;
+        pthread_mutex_lock(&s->jlock);
+        *s->done_tail = j;
+        s->done_tail = &j->next;
+        pthread_mutex_unlock(&s->jlock);
+        vd_loop_post(s->loop, deliver, NULL);
+        pthread_mutex_lock(&s->jlock);
+    }
+    pthread_mutex_unlock(&s->jlock);
+    return NULL;
+}
+
+static void job_free(struct job *j)
+{
+    while (j->evs) {
+        struct ev_job *e = j->evs;
+        j->evs = e->next;
+        free(e->text);
+        free(e);
+    }
+    json_decref(j->req);
+    free(j->reply);
+    free(j);
+}
+
+/* On the loop: send the replies that are ready, and let their clients go on. */
+static void deliver(void *opaque)
+{
+    pthread_mutex_lock(&srv_lock);
+    struct vd_control *s = the_server;  /* NULL once closed: close freed the jobs */
+    pthread_mutex_unlock(&srv_lock);
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->jlock);
+    struct job *j = s->done;
+    s->done = NULL;
+    s->done_tail = &s->done;
+    pthread_mutex_unlock(&s->jlock);
+    while (j) {
+        struct job *next = j->next;
+        struct client *cl = s->clients;
+        while (cl && cl->id != j->client)
+            cl = cl->next;
+        if (cl) {
+            int r;
+            if (j->reply)
+                r = client_queue(cl, j->reply, strlen(j->reply));
+            else {
+                json_t *e = error_reply("GenericError", "out of memory");
+                r = client_send_json(cl, e);
+                json_decref(e);
+            }
+            cl->waiting = false;
+            if (r == 0)
+                client_lines(cl);   /* what it sent meanwhile */
+            if (r < 0 || client_flush(cl) < 0)
+                client_free(cl);
+        }
+        while (j->evs) {            /* as a command on the loop: reply, then events */
+            struct ev_job *e = j->evs;
+            j->evs = e->next;
+            e->srv = s;
+            broadcast(e);
+        }
+        job_free(j);
+        j = next;
+    }
 }
 
 static void accept_event(struct vd_loop *loop, int fd, uint32_t events, void *opaque)
@@ -289,6 +485,7 @@ static void accept_event(struct vd_loop *loop, int fd, uint32_t events, void *op
             continue;
         }
         cl->srv = s;
+        cl->id = ++s->next_id;
         cl->fd = cfd;
         cl->events = EPOLLIN;
         if (vd_loop_add_fd(loop, cfd, EPOLLIN, client_event, cl) < 0) {
@@ -314,6 +511,10 @@ int vd_control_open(struct vd_loop *loop, const char *path, int fd, struct vd_co
         return -ENOMEM;
     s->loop = loop;
     s->lfd = fd;
+    pthread_mutex_init(&s->jlock, NULL);
+    pthread_cond_init(&s->jcond, NULL);
+    s->todo_tail = &s->todo;
+    s->done_tail = &s->done;
     if (fd < 0) {
         struct sockaddr_un a = { .sun_family = AF_UNIX };
         if (strlen(path) >= sizeof a.sun_path) {
@@ -373,6 +574,24 @@ void vd_control_close(struct vd_control *s)
     if (the_server == s)
         the_server = NULL;
     pthread_mutex_unlock(&srv_lock);
+    if (s->thread_started) {
+        /* a command under way finishes first (an export-del its flush) */
+        pthread_mutex_lock(&s->jlock);
+        s->stopping = true;
+        pthread_cond_signal(&s->jcond);
+        pthread_mutex_unlock(&s->jlock);
+        pthread_join(s->thread, NULL);
+    }
+    for (struct job *j = s->todo, *next; j; j = next) {
+        next = j->next;
+        job_free(j);
+    }
+    for (struct job *j = s->done, *next; j; j = next) {
+        next = j->next;
+        job_free(j);
+    }
+    pthread_mutex_destroy(&s->jlock);
+    pthread_cond_destroy(&s->jcond);
     while (s->clients) {
         client_flush(s->clients);
         client_free(s->clients);
@@ -385,10 +604,6 @@ void vd_control_close(struct vd_control *s)
     free(s);
 }
 
-struct ev_job {
-    struct vd_control *srv;
-    char *text;
-};
 
 static void broadcast(void *opaque)
 {
@@ -419,6 +634,17 @@ void vd_control_event(const char *name, json_t *data)
         return;
     char *text = json_dumps(ev, JSON_COMPACT);
     json_decref(ev);
+    if (tl_job) {
+        struct ev_job *j = text ? calloc(1, sizeof *j) : NULL;
+        if (!j) {
+            free(text);
+            return;
+        }
+        j->text = text;
+        *tl_job->evs_tail = j;
+        tl_job->evs_tail = &j->next;
+        return;
+    }
     pthread_mutex_lock(&srv_lock);
     struct vd_control *s = the_server;
     struct ev_job *j = s && text ? malloc(sizeof *j) : NULL;

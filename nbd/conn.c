@@ -658,70 +658,176 @@ static void desc_add(struct desc_list *d, uint64_t len, uint32_t flags)
     }
 }
 
+/* A block status request in progress. The disk answers a batch of extents
+ * at a time (vd_disk_block_status_async): at once for local disks, later,
+ * from a worker, for disks with remote layers, whose tables may have to be
+ * read from the network; the connection's loop serves everyone else
+ * meanwhile. */
+#define BS_BATCH 128u
+
+struct bs_job {
+    struct conn *c;
+    struct nreq *q;
+    uint8_t *mem, *ha, *hd;     /* layout: [hdr a][id a][descs a] [hdr d][id d][descs d] */
+    struct desc_list a, d;
+    bool want_a, want_d;
+    uint64_t off, end, t0;
+    int err;
+    bool issuing, answered;     /* the disk answered inside the call */
+    int res;
+    struct vd_extent e[BS_BATCH];
+};
+
+static void bs_reply(struct bs_job *j);
+
+/* Add the batch's n extents; true when the answer is complete. */
+static bool bs_take(struct bs_job *j, int n)
+{
+    if (n < 0) {
+        j->err = n;
+        return true;
+    }
+    for (int i = 0; i < n; i++) {
+        const struct vd_extent *e = &j->e[i];
+        uint64_t len = e->len;
+        if (len == 0 || len > j->end - j->off)
+            len = j->end - j->off;
+        uint32_t af = ((e->flags & VD_EXT_DATA) ? 0 : NBD_STATE_HOLE) | ((e->flags & VD_EXT_ZERO) ? NBD_STATE_ZERO : 0);
+        uint32_t df = (e->flags & VD_EXT_ALLOCATED) ? (uint32_t)e->depth + 1 : 0;
+        uint64_t ac = j->a.covered, dc = j->d.covered;
+        if (j->want_a)
+            desc_add(&j->a, len, af);
+        if (j->want_d)
+            desc_add(&j->d, len, df);
+        /* Stop once a list is full: what it covers is the answer. */
+        if ((j->want_a && j->a.covered - ac < len) || (j->want_d && j->d.covered - dc < len))
+            return true;
+        j->off += len;
+        if (j->a.max == 1 || j->off >= j->end)
+            return true;
+    }
+    return false;
+}
+
+static void bs_answer(void *opaque, int n)
+{
+    struct bs_job *j = opaque;
+    j->res = n;
+    j->answered = true;
+}
+
+static void bs_later(void *opaque, int n);
+
+/* Ask for batches until the answer is complete or one will come later. */
+static void bs_issue(struct bs_job *j)
+{
+    for (;;) {
+        /* no more extents than descriptors left: a local disk does no
+         * more look-ups than it did one extent at a time */
+        unsigned used = j->a.n > j->d.n ? j->a.n : j->d.n;
+        unsigned want = j->a.max - used;
+        if (want > BS_BATCH)
+            want = BS_BATCH;
+        j->issuing = true;
+        j->answered = false;
+        vd_disk_block_status_async(j->c->disk, j->off, j->end - j->off, j->e, want ? want : 1,
+                                   bs_later, j);
+        j->issuing = false;
+        if (!j->answered)
+            return;             /* bs_later carries on */
+        if (bs_take(j, j->res)) {
+            bs_reply(j);
+            return;
+        }
+    }
+}
+
+static void bs_later(void *opaque, int n)
+{
+    struct bs_job *j = opaque;
+    if (j->issuing) {
+        bs_answer(j, n);
+        return;
+    }
+    if (!bs_take(j, n)) {
+        bs_issue(j);
+        return;
+    }
+    struct conn *c = j->c;
+    bs_reply(j);
+    if (c->busy)
+        c->again = true;
+    else
+        mark_dirty(c);
+}
+
 static void block_status(struct conn *c, struct nreq *q)
 {
     unsigned max = (q->h.flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : VD_NBD_MAX_EXTENTS;
-    struct desc_list a = { .max = max }, d = { .max = max };
-    bool want_a = c->s.meta_alloc, want_d = c->s.meta_depth;
+    struct bs_job *j = calloc(1, sizeof *j);
     uint8_t *mem = malloc(2 * (24 + 8 * (size_t)max));
-    if (!mem) {
-        reply_error(c, q, NBD_ENOMEM, "out of memory");
-        return;
-    }
-    /* layout: [hdr a][id a][descs a] [hdr d][id d][descs d] */
-    uint8_t *ha = mem, *hd = mem + 24 + 8 * (size_t)max;
-    a.p = ha + 24;
-    d.p = hd + 24;
-    uint64_t off = q->h.off, end = q->h.off + q->h.len;
-    int r = 0;
-    while (off < end) {
-        struct vd_extent e = {0};
-        r = vd_disk_block_status(c->disk, off, end - off, &e);
-        if (r < 0)
-            break;
-        uint64_t n = e.len;
-        if (n == 0 || n > end - off)
-            n = end - off;
-        uint32_t af = ((e.flags & VD_EXT_DATA) ? 0 : NBD_STATE_HOLE) | ((e.flags & VD_EXT_ZERO) ? NBD_STATE_ZERO : 0);
-        uint32_t df = (e.flags & VD_EXT_ALLOCATED) ? (uint32_t)e.depth + 1 : 0;
-        uint64_t ac = a.covered, dc = d.covered;
-        if (want_a)
-            desc_add(&a, n, af);
-        if (want_d)
-            desc_add(&d, n, df);
-        /* Stop once a list is full: what it covers is the answer. */
-        if ((want_a && a.covered - ac < n) || (want_d && d.covered - dc < n))
-            break;
-        off += n;
-        if (max == 1)
-            break;
-    }
-    if (r < 0 && !a.n && !d.n) {
+    if (!j || !mem) {
+        free(j);
         free(mem);
-        reply_error(c, q, errno_to_nbd(r), vd_errmsg(r));
+        reply_error(c, q, NBD_ENOMEM, "out of memory");
+        vd_export_stat(c->exp, VD_STAT_BLOCK_STATUS, 0, 0, -ENOMEM);
+        enqueue(c, q);
         return;
     }
-    q->ohdr = mem;
+    j->c = c;
+    j->q = q;
+    j->t0 = vd_now_ns();
+    j->mem = mem;
+    j->ha = mem;
+    j->hd = mem + 24 + 8 * (size_t)max;
+    j->a = (struct desc_list){ .p = j->ha + 24, .max = max };
+    j->d = (struct desc_list){ .p = j->hd + 24, .max = max };
+    j->want_a = c->s.meta_alloc;
+    j->want_d = c->s.meta_depth;
+    j->off = q->h.off;
+    j->end = q->h.off + q->h.len;
+    c->pending_io++;
+    bs_issue(j);
+}
+
+/* Build the reply from what the lists hold and queue it. */
+static void bs_reply(struct bs_job *j)
+{
+    struct conn *c = j->c;
+    struct nreq *q = j->q;
+    c->pending_io--;
+    vd_export_stat(c->exp, VD_STAT_BLOCK_STATUS, 0, vd_now_ns() - j->t0, 0);
+    if (j->err < 0 && !j->a.n && !j->d.n) {
+        reply_error(c, q, errno_to_nbd(j->err), vd_errmsg(j->err));
+        free(j->mem);
+        free(j);
+        enqueue(c, q);
+        return;
+    }
+    uint8_t *ha = j->ha, *hd = j->hd;
+    q->ohdr = j->mem;
     q->oiov = q->small_iov;
     q->oiovcnt = 0;
     q->olen = 0;
     uint8_t *last = NULL;
-    if (want_a) {
-        hdr_chunk(ha, 0, NBD_REPLY_TYPE_BLOCK_STATUS, q->h.cookie, 4 + 8 * a.n);
+    if (j->want_a) {
+        hdr_chunk(ha, 0, NBD_REPLY_TYPE_BLOCK_STATUS, q->h.cookie, 4 + 8 * j->a.n);
         vd_be32(ha + 20, VD_NBD_META_ALLOCATION);
-        q->small_iov[q->oiovcnt++] = (struct iovec){ ha, 24 + 8 * (size_t)a.n };
-        q->olen += 24 + 8 * (size_t)a.n;
+        q->small_iov[q->oiovcnt++] = (struct iovec){ ha, 24 + 8 * (size_t)j->a.n };
+        q->olen += 24 + 8 * (size_t)j->a.n;
         last = ha;
     }
-    if (want_d) {
-        hdr_chunk(hd, 0, NBD_REPLY_TYPE_BLOCK_STATUS, q->h.cookie, 4 + 8 * d.n);
+    if (j->want_d) {
+        hdr_chunk(hd, 0, NBD_REPLY_TYPE_BLOCK_STATUS, q->h.cookie, 4 + 8 * j->d.n);
         vd_be32(hd + 20, VD_NBD_META_DEPTH);
-        q->small_iov[q->oiovcnt++] = (struct iovec){ hd, 24 + 8 * (size_t)d.n };
-        q->olen += 24 + 8 * (size_t)d.n;
+        q->small_iov[q->oiovcnt++] = (struct iovec){ hd, 24 + 8 * (size_t)j->d.n };
+        q->olen += 24 + 8 * (size_t)j->d.n;
         last = hd;
     }
     if (last)   /* a block status reply has at least one context */
         vd_be16(last + 4, NBD_REPLY_FLAG_DONE);
+    free(j);
+    enqueue(c, q);
 }
 
 /* ---- request lifecycle ---- */
@@ -823,13 +929,9 @@ static void start_request(struct conn *c, struct nreq *q)
     case NBD_CMD_CACHE:
         submit(c, q, VD_OP_READ, 0, true);
         break;
-    case NBD_CMD_BLOCK_STATUS: {
-        uint64_t t = vd_now_ns();
-        block_status(c, q);
-        vd_export_stat(c->exp, VD_STAT_BLOCK_STATUS, 0, vd_now_ns() - t, 0);
-        enqueue(c, q);
+    case NBD_CMD_BLOCK_STATUS:
+        block_status(c, q);     /* replies (and queues q) itself, now or later */
         break;
-    }
     }
 }
 

@@ -147,6 +147,9 @@ static int queue_try_start(struct vd_vhost_blk *b, struct vhb_queue *q)
     if (rc > 0)
         fprintf(stderr, "vdisk: vhost-user-blk %s: queue %u: resubmitted %d requests in flight\n",
                 b->path, q->index, rc);
+    if (s.owed_signal)
+        fprintf(stderr, "vdisk: vhost-user-blk %s: queue %u: signalled completions returned "
+                "before the restart\n", b->path, q->index);
     return 0;
 }
 

@@ -44,6 +44,10 @@ struct vhb_start {
     struct vhu_log *log;       /* dirty log (NULL: off), used ring too when log_used */
     bool log_used;
     uint64_t log_used_gpa;
+    /* out: with EVENT_IDX, the driver was owed a signal for chains already
+     * in the used ring (a previous back-end returned them and stopped
+     * before signalling) and was sent one */
+    bool owed_signal;
 };
 
 struct vhb_thread {

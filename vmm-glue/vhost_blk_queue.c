@@ -370,6 +370,14 @@ static void do_start(struct call *c)
         c->rc = -EIO;
         goto fail;
     }
+    /* A back-end that died (or was stopped) after returning chains in the
+     * used ring but before signalling them leaves the driver waiting for
+     * an interrupt; nothing in flight and nothing new to take means none
+     * would ever come. Signal now if the driver's request for one is due. */
+    if (q->call_fd >= 0 && virtq_restart_should_notify(&q->vq)) {
+        eventfd_write(q->call_fd, 1);
+        s->owed_signal = s->event_idx;
+    }
     /* Chains a previous back-end process had taken but not returned. */
     if (n > 0) {
         q->in_process = true;

@@ -153,6 +153,19 @@ bool virtq_should_notify(struct virtq *q)
     return (uint16_t)(new - ev - 1) < (uint16_t)(new - old);
 }
 
+bool virtq_restart_should_notify(struct virtq *q)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t used = LOAD16(&q->used->idx);
+    if (!q->event_idx)
+        return !(LOAD16(&q->avail->flags) & VIRTQ_AVAIL_F_NO_INTERRUPT);
+    /* The driver asked to be told when entry used_event is returned; it
+     * set used_event no further back than the entries it has taken (at
+     * most num behind). An entry at or past it already in the ring: due. */
+    uint16_t ev = LOAD16(used_event(q));
+    return (uint16_t)(used - ev - 1) < q->num;
+}
+
 bool virtq_arm(struct virtq *q)
 {
     if (q->broken) return false;

@@ -79,6 +79,10 @@ int  virtq_map_chain(const struct virtq *q, uint16_t head, struct virtq_chain *c
 void virtq_push(struct virtq *q, uint16_t head, uint32_t len);
 /* After pushes: whether the driver wants an interrupt now. */
 bool virtq_should_notify(struct virtq *q);
+/* When a ring starts: whether the driver may be waiting for a signal for
+ * chains already in the used ring (returned by a back-end that stopped, or
+ * died, before it signalled them). Changes no notification state. */
+bool virtq_restart_should_notify(struct virtq *q);
 /* Ask for kicks for entries past last_avail; true when more are already
  * available (the caller should keep popping). */
 bool virtq_arm(struct virtq *q);

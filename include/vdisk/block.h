@@ -83,8 +83,20 @@ struct vd_extent {
     struct vd_file *file;      /* with VD_EXT_OFFSET */
     uint64_t host_off;
 };
-/* Describe the longest run starting at off (<= len) with the same answer. */
+/* Describe the longest run starting at off (<= len) with the same answer.
+ * Synchronous on the calling thread, whatever the disk (the CLI's call). */
 int vd_disk_block_status(struct vd_disk *d, uint64_t off, uint64_t len, struct vd_extent *e);
+/* The same for a server's loop: up to max extents of [off, off+len), one
+ * after the other from off, into e[0..]; then cb(opaque, n) with the
+ * number filled (>= 1) or -errno (message through vd_err), on the calling
+ * thread's loop. When every layer is a local file it all happens before
+ * this returns, as vd_disk_block_status does; when a layer is remote
+ * (rbd:, nbd://) the look-ups, which may read tables from the network,
+ * run on the worker pool (ordered by the disk's gate with its discard,
+ * write-zeroes and flush) and cb runs later. */
+typedef void (*vd_disk_cb)(void *opaque, int res);
+void vd_disk_block_status_async(struct vd_disk *d, uint64_t off, uint64_t len, struct vd_extent *e,
+                                unsigned max, vd_disk_cb cb, void *opaque);
 
 /* Create an image. fmt: a format name; when o->size is 0 and a backing file
  * is given, the size is the backing file's. */
@@ -93,7 +105,15 @@ int vd_image_create(const char *filename, const char *fmt, struct vd_create_opts
  * preallocation=off|metadata|falloc|full from opts into *out. */
 int vd_prealloc_from_opts(struct vd_opts *opts, enum vd_prealloc *out);
 
-/* Resize (grow, or shrink when the format allows). */
+/* Resize (grow, or shrink when the format allows), then flush. On a disk
+ * with a remote layer it waits for the disk's requests in flight and runs
+ * alone (the gate); vd_disk_resize runs the calling thread's loop until
+ * it is done. */
 int vd_disk_resize(struct vd_disk *d, uint64_t size, enum vd_prealloc prealloc);
+/* The same for a loop: cb(opaque, 0 or -errno) on the calling thread's
+ * loop; before this returns when every layer is local, else after the
+ * format's and backend's calls ran on the worker pool. */
+void vd_disk_resize_async(struct vd_disk *d, uint64_t size, enum vd_prealloc prealloc,
+                          vd_disk_cb cb, void *opaque);
 
 #endif

@@ -4,7 +4,8 @@
  *   ← {"return": ..., "id": 1}  or  {"error": {"class": "...", "desc": "..."}, "id": 1}
  *   ← {"event": "EXPORT_DELETED", "data": {...}, "timestamp": {...}}
  * Commands register by name from any file; they run on the control loop's
- * thread and may block briefly (export-del waits for the export to drain). */
+ * thread and must not block it (the loop also accepts NBD connections),
+ * except blocking ones, which run on the server's command thread. */
 #ifndef VDISK_CONTROL_H
 #define VDISK_CONTROL_H
 
@@ -15,6 +16,11 @@
  * reference; NULL means {}), or -errno with a message through vd_err(). */
 typedef int (*vd_control_fn)(json_t *args, json_t **ret);
 void vd_control_register(const char *name, vd_control_fn fn);
+/* A command that waits for disks (opens, drains, flushes, resizes: network
+ * round trips on RBD): it runs on the server's one command thread, one
+ * such command at a time in the order received, while the loop serves
+ * everything else; its client gets no other reply before this one. */
+void vd_control_register_blocking(const char *name, vd_control_fn fn);
 
 struct vd_control;
 /* Serve the control protocol on a listening Unix socket (path: created,

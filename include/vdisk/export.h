@@ -33,6 +33,8 @@ struct vd_export_type {
     void (*stop)(struct vd_export *e);
     /* Add type-specific figures (e.g. "connections") to the stats object. */
     void (*stats)(struct vd_export *e, json_t *out);
+    /* Optional: the disk was resized (block-resize); tell the users. */
+    int  (*resized)(struct vd_export *e);
 };
 
 void vd_export_type_register(const struct vd_export_type *t);
@@ -75,8 +77,10 @@ int  vd_export_add(const char *spec, struct vd_export **out);
 /* Same from parsed options (o is consumed). */
 int  vd_export_add_opts(struct vd_opts *o, struct vd_export **out);
 /* Remove: hidden at once, the type stops, every user drains and drops its
- * reference, then the disk is flushed and closed. Blocks until done, so call
- * it from a thread that is not serving the export (the control loop). */
+ * reference, then the disk is flushed and closed. Blocks until done (a
+ * cluster round trip or more on RBD), so call it from a thread that serves
+ * nothing (the control socket's command thread, or the daemon's main thread
+ * at shutdown once its loop has stopped). */
 int  vd_export_del(const char *name);
 /* Remove every export (shutdown). */
 void vd_export_del_all(void);

@@ -51,7 +51,7 @@ wait $vm; rc=$?
 grep -E 'GUEST-|queues:|RESIZE' "$T/raw.console" | sed 's/^/# /'
 check "guest saw the new capacity (config change through QEMU)" grep -q '^RESIZE-OK' "$T/raw.console"
 if [ $rc -eq 0 ] && grep -q '^GUEST-OK' "$T/raw.console"; then ok "guest: O_DIRECT patterns, flush, discard, zero-out, serial on 2 queues"
-else fail "guest: O_DIRECT patterns, flush, discard, zero-out, serial on 2 queues" "qemu rc $rc: $(tail -5 "$T/raw.console" "$T/raw.qemu" | tr '\n' ' ')"; fi
+else fail "guest: O_DIRECT patterns, flush, discard, zero-out, serial on 2 queues" "qemu rc $rc: $(tail -q -n 5 "$T/raw.console" "$T/raw.qemu" | tr '\n' ' ')"; fi
 check "guest saw 2 virtqueues" grep -q '^queues: 2' "$T/raw.console"
 read -r q0 q1 < <(python3 - "$T/ctl.sock" <<'PY'
 import json, socket, sys
@@ -93,7 +93,7 @@ on_exit "kill $srv 2>/dev/null"
 for _ in $(seq 100); do [ -S "$T/vq.sock" ] && break; sleep 0.05; done
 run_vm "$T/vq.sock" qcow2; rc=$?
 if [ $rc -eq 0 ] && grep -q '^GUEST-OK' "$T/qcow2.console"; then ok "qcow2: guest patterns, flush, discard, zero-out"
-else fail "qcow2: guest patterns, flush, discard, zero-out" "qemu rc $rc: $(grep GUEST "$T/qcow2.console" | tr '\n' ' ') $(tail -3 "$T/qcow2.qemu" "$T/serve2.log" | tr '\n' ' ')"; fi
+else fail "qcow2: guest patterns, flush, discard, zero-out" "qemu rc $rc: $(grep GUEST "$T/qcow2.console" | tr '\n' ' ') $(tail -q -n 3 "$T/qcow2.qemu" "$T/serve2.log" | tr '\n' ' ')"; fi
 kill $srv; wait $srv 2>/dev/null
 check "qcow2: image content as expected (qemu-img compare)" qemu-img compare -f raw -F qcow2 "$T/expect.raw" "$T/vm.qcow2"
 check "qcow2: qemu-img check finds no errors" qemu-img check -q "$T/vm.qcow2"

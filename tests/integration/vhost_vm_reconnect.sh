@@ -53,12 +53,12 @@ for pass in 1 3; do
 done
 wait $Q; rc=$?
 grep -E 'GUEST-|^PASS' "$T/console" | tr -d '\r' | sed 's/^/# /'
-grep -E 'resubmitted' "$T/serve.log" | sed 's/^/# /'
+grep -E 'resubmitted|signalled completions' "$T/serve.log" | sed 's/^/# /'
 if [ $restarts -eq 2 ]; then ok "vdiskd killed and restarted twice during the guest's passes"
 else fail "vdiskd killed and restarted twice during the guest's passes" "restarts: $restarts; $(tail -3 "$T/console" | tr '\n' ' ')"; fi
 if [ $rc -eq 0 ] && grep -q '^GUEST-OK' "$T/console"; then ok "guest: every pass verified across the restarts"
 else
-    fail "guest: every pass verified across the restarts" "qemu rc $rc: $(tail -5 "$T/console" "$T/qemu.log" | tr '\n' ' ')"
+    fail "guest: every pass verified across the restarts" "qemu rc $rc: $(tail -q -n 5 "$T/console" "$T/qemu.log" | tr '\n' ' ')"
     tail -40 "$T/serve.log" | sed 's/^/# serve: /'
 fi
 kill $D 2>/dev/null; wait $D 2>/dev/null

@@ -113,15 +113,22 @@ static int cmd_resize(json_t *args, json_t **ret)
     return r;
 }
 
+static int vhost_resized(struct vd_export *e)
+{
+    return e->priv ? vd_vhost_blk_resized(e->priv) : 0;
+}
+
 static const struct vd_export_type vhost_type = {
     .name = "vhost-user-blk",
     .start = vhost_start,
     .stop = vhost_stop,
     .stats = vhost_stats,
+    .resized = vhost_resized,
 };
 
 __attribute__((constructor)) static void register_vhost_type(void)
 {
     vd_export_type_register(&vhost_type);
-    vd_control_register("vhost-user-blk-resize", cmd_resize);
+    /* waits for the disk (a cluster round trip on RBD): off the loop */
+    vd_control_register_blocking("vhost-user-blk-resize", cmd_resize);
 }
