@@ -1000,19 +1000,78 @@ static void submit_zero(struct rbd_state *st, struct vd_io *io)
     zero_parts_put(z);
 }
 
+/* A write past the end within what was grown ahead only moves the size;
+ * false when the image itself must grow (or a resize is under way). */
+static bool grow_in_place(struct rbd_state *st, uint64_t end)
+{
+    if (end <= atomic_load(&st->size)) return true;
+    if (pthread_mutex_trylock(&st->resize_lock) != 0) return false;
+    bool done = end <= st->psize;
+    if (done && end > atomic_load(&st->size)) { atomic_store(&st->size, end); bump(st); }
+    pthread_mutex_unlock(&st->resize_lock);
+    return done;
+}
+
+static void submit_aio(struct rbd_state *st, struct vd_io *io, uint64_t len);
+
+/* A write that needs rbd_resize first: that is a cluster round trip (or
+ * the RBD timeout with a dead OSD), so it runs on the worker pool and the
+ * write is submitted from its loop afterwards. Once per growth step. */
+struct grow_job {
+    struct vd_io *io;
+    uint64_t len;
+    int r;
+    char msg[256];
+};
+
+static void grow_run(void *opaque)
+{
+    struct grow_job *g = opaque;
+    struct rbd_state *st = g->io->file->priv;
+    vd_err_clear();
+    g->r = grow_to(st, g->io->off + g->len);
+    if (g->r < 0) snprintf(g->msg, sizeof(g->msg), "%s", vd_errmsg(g->r));
+}
+
+static void grow_done(void *opaque)
+{
+    struct grow_job *g = opaque;
+    struct vd_io *io = g->io;
+    struct rbd_state *st = io->file->priv;
+    uint64_t len = g->len;
+    int r = g->r;
+    if (r < 0) vd_err(r, "%s", g->msg);
+    free(g);
+    if (r < 0) { aio_fail(io, r); return; }
+    bump(st);
+    submit_aio(st, io, len);
+}
+
 static void rbd_submit_(struct vd_file *f, struct vd_io *io)
 {
     struct rbd_state *st = f->priv;
-    rbd_completion_t c;
     uint64_t len = io->op == VD_IO_SYNC ? 0 : iov_len(io->iov, io->iovcnt);
-    int r;
 
     if (zeroing(io)) { submit_zero(st, io); return; }
     if (io->op == VD_IO_WRITE) {
         if (st->readonly) { aio_fail(io, -EROFS); return; }
-        if (len && (r = grow_to(st, io->off + len)) < 0) { aio_fail(io, r); return; }
+        if (len && !grow_in_place(st, io->off + len)) {
+            struct grow_job *g = calloc(1, sizeof(*g));
+            if (!g) { aio_fail(io, -ENOMEM); return; }
+            g->io = io;
+            g->len = len;
+            vd_loop_offload(io->loop, grow_run, grow_done, g);
+            return;
+        }
         bump(st);
     }
+    submit_aio(st, io, len);
+}
+
+static void submit_aio(struct rbd_state *st, struct vd_io *io, uint64_t len)
+{
+    rbd_completion_t c;
+    int r;
     if (io->op == VD_IO_READ && io->off >= atomic_load(&st->size)) {
         io->xfer = 0;   /* all past the end: zeros, finished by aio_finish */
         vd_loop_post(io->loop, aio_finish, io);
