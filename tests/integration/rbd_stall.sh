@@ -12,7 +12,7 @@ source "$VDISK_ROOT/tests/helpers/rbd_common.bash"
 
 stall_cleanup() {
     local p
-    for p in ${bs_pid:-} ${br_pid:-} ${rs_pid:-}; do kill -9 "$p" 2>/dev/null; done
+    for p in ${bs_pid:-} ${br_pid:-} ${bd_pid:-} ${rs_pid:-}; do kill -9 "$p" 2>/dev/null; done
     [ -n "${osd:-}" ] && kill -CONT "$osd" 2>/dev/null
     "$CLUSTER" stop "$T/ceph" > /dev/null 2>&1
 }
@@ -29,10 +29,12 @@ probe_local() {
     el=$(( ($(date +%s%N) - t0) / 1000000 ))
 }
 
-# same_map NBD_JSON QEMU_JSON: nbdinfo --map --json (base:allocation) and
-# qemu-img map --output=json agree once both are runs of (hole, zero).
+# same_map NBD_JSON QEMU_JSON [depth]: nbdinfo --map --json (base:allocation)
+# and qemu-img map --output=json agree once both are runs of (hole, zero);
+# with depth, qemu:allocation-depth (1 where present, 0 elsewhere: no
+# backing file) against qemu-img's "present".
 same_map() {
-    "$PY" - "$1" "$2" <<'PYEOF'
+    "$PY" - "$1" "$2" "${3:-}" <<'PYEOF'
 import json, sys
 def runs(items):
     out = []
@@ -42,8 +44,12 @@ def runs(items):
         elif length:
             out.append([start, start + length, hole, zero])
     return out
-a = runs((e["offset"], e["length"], bool(e["type"] & 1), bool(e["type"] & 2)) for e in json.load(open(sys.argv[1])))
-b = runs((e["start"], e["length"], not e["data"], bool(e["zero"])) for e in json.load(open(sys.argv[2])))
+if sys.argv[3]:
+    a = runs((e["offset"], e["length"], e["type"], 0) for e in json.load(open(sys.argv[1])))
+    b = runs((e["start"], e["length"], int(e["present"]), 0) for e in json.load(open(sys.argv[2])))
+else:
+    a = runs((e["offset"], e["length"], bool(e["type"] & 1), bool(e["type"] & 2)) for e in json.load(open(sys.argv[1])))
+    b = runs((e["start"], e["length"], not e["data"], bool(e["zero"])) for e in json.load(open(sys.argv[2])))
 if a != b:
     print("nbd:", a[:6], "qemu-img:", b[:6])
     sys.exit(1)
@@ -83,20 +89,27 @@ timeout 90 nbdinfo --map --json "$QN" > "$T/qz.nbd.json" 2> "$T/bs.err" &
 bs_pid=$!
 timeout 90 nbdinfo --map --json "$RN" > "$T/rz.nbd.json" 2> "$T/br.err" &
 br_pid=$!
+timeout 90 nbdinfo --map=qemu:allocation-depth --json "$QN" > "$T/qd.nbd.json" 2> "$T/bd.err" &
+bd_pid=$!
 sleep 1
 probe_local 5
 kill -0 "$bs_pid" 2>/dev/null && pending=yes || pending=no
 kill -0 "$br_pid" 2>/dev/null && rpending=yes || rpending=no
+kill -0 "$bd_pid" 2>/dev/null && dpending=yes || dpending=no
 kill -CONT "$osd"; osd=
 wait "$bs_pid"; bsrc=$?; bs_pid=
 wait "$br_pid"; brrc=$?; br_pid=
-[ $rc -eq 0 ] && [ $pending = yes ] && [ $rpending = yes ] \
+wait "$bd_pid"; bdrc=$?; bd_pid=
+[ $rc -eq 0 ] && [ $pending = yes ] && [ $rpending = yes ] && [ $dpending = yes ] \
     && ok "during stalled block status of qcow2 and raw on rbd the local export on the same loop answers (${el} ms)" \
     || fail "during stalled block status the local export on the same loop answers" \
-            "rc $rc after ${el} ms, qcow2 map pending: $pending, raw map pending: $rpending: $out"
+            "rc $rc after ${el} ms, pending: qcow2 map $pending, raw map $rpending, depth map $dpending: $out"
 [ $bsrc -eq 0 ] && same_map "$T/qz.nbd.json" "$T/qz.qemu.json" > "$T/cmp.out" 2>&1 \
     && ok "the stalled qcow2 map completes once the OSD is back, equal to qemu-img map" \
     || fail "the stalled qcow2 map completes, equal to qemu-img map" "rc $bsrc: $(cat "$T/bs.err" "$T/cmp.out")"
+[ $bdrc -eq 0 ] && same_map "$T/qd.nbd.json" "$T/qz.qemu.json" depth > "$T/cmp.out" 2>&1 \
+    && ok "the stalled qemu:allocation-depth map completes, equal to qemu-img map's present" \
+    || fail "the stalled allocation-depth map completes, equal to qemu-img map" "rc $bdrc: $(cat "$T/bd.err" "$T/cmp.out")"
 $VDISK map --output=json "$(R rz)" > "$T/rz.vdisk.json" 2>&1
 [ $brrc -eq 0 ] && same_map "$T/rz.nbd.json" "$T/rz.vdisk.json" > "$T/cmp.out" 2>&1 \
     && grep -q '"offset": *8388608' "$T/rz.nbd.json" \
@@ -162,4 +175,42 @@ check "qemu-img check (its rbd driver): the qcow2 on rbd is clean after removal"
 check "and holds the write made before the removal" \
     qemu-io -f qcow2 -r -c "read -P 9 $((5 * G + 64 * 1048576)) 64k" -c "read -P 6 $((5 * G + 3 * 1048576)) 192k" "$(R qz)"
 
-stop_vdiskd d
+# export-add of an image on the stopped cluster: its open (the image's
+# header objects) stalls on the command thread, not on the main loop.
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+timeout 90 $VDISK ctl "$T/ctl.sock" export-add "{\"name\": \"q\", \"file\": \"$(R qz)\", \"format\": \"qcow2\"}" > "$T/add.out" 2>&1 &
+rs_pid=$!
+sleep 1
+probe_local 8
+qe=$(timeout 10 $VDISK ctl "$T/ctl.sock" query-exports 2>&1); qrc=$?
+kill -0 "$rs_pid" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"; osd=
+wait "$rs_pid"; rsrc=$?; rs_pid=
+[ $rc -eq 0 ] && [ $qrc -eq 0 ] && [ $pending = yes ] \
+    && ok "during a stalled export-add a new connection to the local export and the control socket answer (${el} ms)" \
+    || fail "during a stalled export-add the local export and the control socket answer" \
+            "rc $rc after ${el} ms, query-exports rc $qrc, export-add pending: $pending: $out $qe"
+[ $rsrc -eq 0 ] && ok "the stalled export-add completes once the OSD is back" \
+    || fail "the stalled export-add completes" "rc $rsrc: $(cat "$T/add.out")"
+
+# Shutdown (SIGTERM) with unflushed metadata and the OSD stopped: the final
+# flush runs on the main thread once its loop has stopped and the
+# connections are drained (nothing else waits on it then); vdiskd waits
+# for the cluster, then exits cleanly, and nothing is lost.
+check "another allocating write, not flushed" \
+    nbdsh -u "$QN" -c 'h.pwrite(b"\x0a" * 65536, 4 * 2**30 + 64 * 2**20)'
+osd=$(cat "$T/ceph/osd.pid")
+kill -STOP "$osd"
+kill -TERM "$d_pid"
+sleep 1
+kill -0 "$d_pid" 2>/dev/null && pending=yes || pending=no
+kill -CONT "$osd"; osd=
+wait "$d_pid"; drc=$?
+[ $pending = yes ] && [ $drc -eq 0 ] && sanitizer_clean "$T/d.log" \
+    && ok "SIGTERM during a stall: vdiskd waits for the final flush, then exits cleanly" \
+    || fail "SIGTERM during a stall: vdiskd waits for the final flush, then exits cleanly" \
+            "waiting: $pending, rc $drc: $(grep -m4 -E 'Sanitizer|runtime error|error' "$T/d.log" | tr '\n' ' ')"
+check "qemu-img check: the qcow2 on rbd is clean after the shutdown" qemu-img check -f qcow2 "$(R qz)"
+check "and holds the write made before it" \
+    qemu-io -f qcow2 -r -c "read -P 10 $((4 * G + 64 * 1048576)) 64k" -c "read -P 9 $((5 * G + 64 * 1048576)) 64k" "$(R qz)"
