@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 #include "vdisk/loop.h"
@@ -67,6 +68,12 @@ struct vd_loop {
 
     /* Polling (see poll_wait): the current window and its bound, in ns. */
     uint64_t poll_ns, poll_max_ns;
+
+    /* Inline reads (see run_inline): reads of page-cached files waiting for
+     * the next flush point, and the back-off after reads that missed. */
+    bool inline_reads;
+    struct vd_io *il_head, *il_tail;
+    unsigned il_skip, il_backoff;
 
     atomic_bool stop;
     atomic_int offloads;    /* offloaded jobs whose done has not run yet */
@@ -482,10 +489,86 @@ void vd_loop_submit_io(struct vd_loop *l, struct vd_io *io)
         io->done(io, 0);
         return;
     }
-    if (io->file && io->file->proto && io->file->proto->submit)
+    if (io->file && io->file->proto && io->file->proto->submit) {
         io->file->proto->submit(io->file, io);
-    else
-        l->eops->submit(l->engine, io);
+        return;
+    }
+    if (l->inline_reads && io->op == VD_IO_READ && io->file && !io->file->direct &&
+        io->file->fd >= 0) {
+        if (!l->il_skip) {
+            io->next = NULL;
+            if (l->il_tail)
+                l->il_tail->next = io;
+            else
+                l->il_head = io;
+            l->il_tail = io;
+            return;
+        }
+        l->il_skip--;
+    }
+    l->eops->submit(l->engine, io);
+}
+
+/* ---- inline reads ----
+ * A read of a buffered file whose data is in the page cache is a memory
+ * copy: through io_uring it still costs a submission, a completion, the
+ * engine's eventfd and one more loop iteration before the reply can go
+ * out. On loops that ask for it, such reads wait in a list until the next
+ * flush point of this iteration and are tried there with
+ * preadv2(RWF_NOWAIT), which copies what is cached and refuses (EAGAIN)
+ * instead of waiting for the disk. A refused or partly done read goes to
+ * the engine whole; after a refusal the next il_backoff reads (queued or
+ * still to come) skip the try (doubling while they keep missing, so a
+ * cold or larger-than-memory working set costs few wasted calls). Completions run here, like reaped
+ * ones, never inside vd_loop_submit_io. */
+
+#define IL_BACKOFF_MAX 1024u
+
+void vd_loop_enable_inline_reads(struct vd_loop *l)
+{
+    const char *s = getenv("VDISK_INLINE_READS");
+    l->inline_reads = !(s && !strcmp(s, "0"));
+}
+
+static void inline_miss(struct vd_loop *l)
+{
+    l->il_backoff = l->il_backoff ? l->il_backoff * 2 : 1;
+    if (l->il_backoff > IL_BACKOFF_MAX)
+        l->il_backoff = IL_BACKOFF_MAX;
+    l->il_skip = l->il_backoff;
+}
+
+static int run_inline(struct vd_loop *l)
+{
+    int done = 0;
+    while (l->il_head) {
+        struct vd_io *io = l->il_head;
+        l->il_head = io->next;
+        if (!l->il_head)
+            l->il_tail = NULL;
+        if (l->il_skip) {           /* a read of this batch missed: the rest too, likely */
+            l->il_skip--;
+            l->eops->submit(l->engine, io);
+            continue;
+        }
+        vd_io_begin(io);
+        ssize_t n = preadv2(io->file->fd, io->cur_iov, io->cur_iovcnt, (off_t)io->off, RWF_NOWAIT);
+        int res;
+        if (n < 0 || (n > 0 && !vd_io_advance(io, n, &res))) {
+            /* Not cached, partly cached, RWF_NOWAIT unsupported or any
+             * other error: the engine does the whole read (and reports
+             * real errors). */
+            inline_miss(l);
+            l->eops->submit(l->engine, io);
+            continue;
+        }
+        if (n == 0)
+            vd_io_advance(io, 0, &res);     /* end of file: zero-filled */
+        l->il_backoff = 0;
+        io->done(io, res);
+        done++;
+    }
+    return done;
 }
 
 /* ---- polling ----
@@ -621,6 +704,8 @@ int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
     int n, done = 0;
 
     cur_loop = l;       /* callbacks that submit work land on this loop */
+    if (l->il_head)
+        done += run_inline(l);
     l->eops->flush(l->engine);
     if (l->timers) {
         uint64_t now = now_ns();
@@ -647,10 +732,16 @@ int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
         done++;
     }
     /* Start the I/O those events asked for before running timers (which
-     * include sending replies): the device works while we do the rest. */
+     * include sending replies): the device works while we do the rest.
+     * Cached reads are done first, so their replies go out with the
+     * timers of this iteration. */
+    if (l->il_head)
+        done += run_inline(l);
     l->eops->flush(l->engine);
     if (l->timers)
         done += run_timers(l);
+    if (l->il_head)
+        done += run_inline(l);
     l->eops->flush(l->engine);
     if (--l->depth == 0)
         reclaim_dead(l);

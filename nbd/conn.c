@@ -1463,6 +1463,9 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
     /* A client waits for each reply before it sends more: poll for the
      * completions instead of sleeping (see loop.c; bench/RESULTS.md). */
     vd_loop_enable_poll(loop);
+    /* Reads the page cache holds are done on the loop, without io_uring
+     * (see loop.c; bench/RESULTS.md, NBD per-request cost). */
+    vd_loop_enable_inline_reads(loop);
     snprintf(c->peer, sizeof c->peer, "%s", peer ? peer : "client");
     c->oq_tail = &c->oq;
     set_nonblock(rfd);

@@ -65,6 +65,12 @@ void vd_loop_stop(struct vd_loop *loop);
 void vd_loop_set_poll(struct vd_loop *loop, uint64_t max_ns);
 void vd_loop_enable_poll(struct vd_loop *loop);
 uint64_t vd_loop_get_poll(struct vd_loop *loop);     /* the max_ns in force */
+/* Inline reads: reads of buffered (not O_DIRECT) local files submitted on
+ * this loop are first tried with preadv2(RWF_NOWAIT) at the loop's next
+ * flush point and completed there when the page cache holds them; the
+ * others go to the engine as before (see loop.c). Off unless enabled;
+ * VDISK_INLINE_READS=0 in the environment keeps it off. */
+void vd_loop_enable_inline_reads(struct vd_loop *loop);
 /* VDISK_POLL_NS: 0 when unset, 1 with *ns set, -EINVAL (vd_err message)
  * when it is not a number of nanoseconds up to VD_LOOP_POLL_MAX_NS. */
 int vd_loop_poll_env(uint64_t *ns);
