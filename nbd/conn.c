@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -764,8 +765,10 @@ static void bs_later(void *opaque, int n)
 static void block_status(struct conn *c, struct nreq *q)
 {
     unsigned max = (q->h.flags & NBD_CMD_FLAG_REQ_ONE) ? 1 : VD_NBD_MAX_EXTENTS;
-    struct bs_job *j = calloc(1, sizeof *j);
+    struct bs_job *j = malloc(sizeof *j);
     uint8_t *mem = malloc(2 * (24 + 8 * (size_t)max));
+    if (j)      /* the extents are written before they are read */
+        memset(j, 0, offsetof(struct bs_job, e));
     if (!j || !mem) {
         free(j);
         free(mem);
