@@ -41,7 +41,7 @@ UNITS    := $(UNIT_SRCS:tests/unit/%.c=$(BUILD)/tests/%)
 HELPERS  := $(HELPER_SRCS:tests/helpers/%.c=$(BUILD)/tests/helpers/%)
 PLUGIN   := $(if $(PLUGIN_SRCS),$(BUILD)/lib/nbdkit-vdisk-plugin.so)
 
-.PHONY: all tests check run bench fuzz fuzz-long crash-long install clean deps
+.PHONY: all tests check run bench fuzz fuzz-long crash-long crash-power install clean deps
 all: $(LIB_A) $(LIB_SO) $(BINS) $(PLUGIN)
 tests: all $(UNITS) $(HELPERS)
 
@@ -75,6 +75,11 @@ $(BUILD)/tests/%: $(BUILD)/obj/tests/unit/%.o $(LIB_A)
 $(BUILD)/tests/helpers/%: $(BUILD)/obj/tests/helpers/%.o $(LIB_A)
 	@mkdir -p $(dir $@)
 	$(CC) $(LDFLAGS) -o $@ $< -Wl,--whole-archive $(LIB_A) -Wl,--no-whole-archive $(LIBS)
+
+# plfs, the power-loss file system of tests/crash, is a FUSE daemon (libfuse3).
+$(BUILD)/tests/helpers/plfs: $(BUILD)/obj/tests/helpers/plfs.o
+	@mkdir -p $(dir $@)
+	$(CC) $(LDFLAGS) -o $@ $< -lfuse3 -lpthread
 
 $(BUILD)/lib/nbdkit-vdisk-plugin.so: $(PLUGIN_SRCS:%.c=$(BUILD)/obj/%.o) $(LIB_A)
 	@mkdir -p $(dir $@)
@@ -117,6 +122,11 @@ fuzz-long: fuzz
 # Crash-consistency campaign with many kill points (check runs a short one).
 crash-long: all
 	@CRASH_POINTS=$${CRASH_POINTS:-1000} tests/crash/run-all.sh
+
+# The same campaign under a simulated power loss (tests/crash/crash.sh -P):
+# writes not covered by a completed flush may be lost, each independently.
+crash-power: all
+	@CRASH_POWER=1 CRASH_POINTS=$${CRASH_POINTS:-200} tests/crash/run-all.sh
 
 bench: deps all
 	@bench/run.sh

@@ -3,7 +3,7 @@
 # random moments and check that the image is consistent and that no write
 # acknowledged as flushed was lost.
 #
-#   tests/crash/crash.sh FORMAT [-o create_opts] [-t cache] [-s size] [-r rounds] [POINTS]
+#   tests/crash/crash.sh FORMAT [-P] [-o create_opts] [-t cache] [-s size] [-r rounds] [POINTS]
 #
 # For each kill point: create a fresh image (vdisk create -f FORMAT -o ...),
 # run `crashio write` on it (self-describing 4 KiB blocks at random places,
@@ -17,17 +17,26 @@
 # With -r N (default 1) each point does N such rounds on the same image:
 # rounds after the first open the crashed image, write over it and are
 # killed again (recovery paths), and verify checks all rounds together.
+# With -P (or CRASH_POWER=1) each kill is also a power loss: the writer
+# works through tests/helpers/plfs, a FUSE file system over the image that
+# records every write not yet covered by a completed fsync; after the kill
+# it loses a random subset of those (each kept with a probability of 0, 25,
+# 50, 75 or 100 %, drawn per round), sector by sector, as a disk with a
+# volatile cache could, and the checks run on what is left.
 # Prints TAP (one line per kill point). CRASH_SEED fixes the random choices;
-# a failing point keeps its image under build/crash-failures/.
+# a failing point keeps its image (and the plfs log) under build/crash-failures/
+# (CRASH_KEEP=0: not).
 source "$(dirname "$0")/../lib.sh"
 CRASHIO=$VDISK_BUILD/tests/helpers/crashio
-usage="usage: crash.sh FORMAT [-o opts] [-t cache] [-s size] [-r rounds] [POINTS]"
+PLFS=$VDISK_BUILD/tests/helpers/plfs
+usage="usage: crash.sh FORMAT [-P] [-o opts] [-t cache] [-s size] [-r rounds] [POINTS]"
 
 fmt=${1:?$usage}
 shift
-opts="" cache=writeback size=64M rounds=1
-while getopts "o:t:s:r:" c; do
+opts="" cache=writeback size=64M rounds=1 power=${CRASH_POWER:-0}
+while getopts "Po:t:s:r:" c; do
     case $c in
+        P) power=1 ;;
         o) opts=$OPTARG ;;
         t) cache=$OPTARG ;;
         s) size=$OPTARG ;;
@@ -41,12 +50,52 @@ seed=${CRASH_SEED:-$(( $(date +%s) % 100000 ))}
 qfmt=
 case $fmt in qcow2) qfmt=qcow2 ;; vmdk) qfmt=vmdk ;; vhd|vpc) qfmt=vpc ;; esac
 
-for prog in "$VDISK" "$CRASHIO"; do
+for prog in "$VDISK" "$CRASHIO" $([ "$power" = 1 ] && echo "$PLFS"); do
     if [ ! -x "$prog" ]; then fail "crash $fmt: $prog is not built (make tests)"; exit 1; fi
 done
-echo "# crash $fmt: $points kill points, $rounds round(s) each, seed $seed, cache=$cache, -o '${opts}'"
+if [ "$power" = 1 ] && [ ! -c /dev/fuse ]; then
+    fail "crash $fmt: power loss needs FUSE" "/dev/fuse is missing (modprobe fuse; in a container: --device /dev/fuse)"
+    exit 1
+fi
+echo "# crash $fmt: $points kill points, $rounds round(s) each, seed $seed, cache=$cache, -o '${opts}'$([ "$power" = 1 ] && echo ', power loss')"
 RANDOM=$seed
 img=$T/crash.img journal=$T/crash.journal
+# -P: the writer sees the image at $mnt, a plfs mount over an empty file
+mnt=$T/crash.mnt plfs_pid=""
+target=$img
+if [ "$power" = 1 ]; then
+    target=$mnt
+    on_exit 'if [ -n "$plfs_pid" ]; then kill -TERM $plfs_pid 2>/dev/null; wait $plfs_pid 2>/dev/null; fi; umount -l "$mnt" 2>/dev/null'
+fi
+
+# plfs_start SEED PCT: mount plfs over $mnt (backing $img); sets $why on failure
+plfs_start() {
+    : > "$mnt"
+    "$PLFS" -s "$1" -p "$2" -l "$T/plfs.log" "$img" "$mnt" 2>> "$T/plfs.log" &
+    plfs_pid=$!
+    local w
+    for ((w = 0; w < 200; w++)); do
+        grep -q '^plfs: mounted' "$T/plfs.log" 2>/dev/null && return
+        kill -0 $plfs_pid 2>/dev/null || break
+        sleep 0.05
+    done
+    why="plfs did not mount: $(tail -2 "$T/plfs.log" | tr '\n' ' ')"
+    kill -TERM $plfs_pid 2>/dev/null; wait $plfs_pid 2>/dev/null; plfs_pid=""
+}
+
+# plfs_power_loss: lose the unsynced writes, unmount; sets $why on failure
+plfs_power_loss() {
+    local prc w
+    kill -USR1 $plfs_pid 2>/dev/null
+    for ((w = 0; w < 200; w++)); do kill -0 $plfs_pid 2>/dev/null || break; sleep 0.05; done
+    kill -9 $plfs_pid 2>/dev/null        # stuck: the wait below says so
+    wait $plfs_pid; prc=$?
+    plfs_pid=""
+    if findmnt "$mnt" > /dev/null 2>&1; then umount -l "$mnt" 2>/dev/null; fi
+    if [ $prc -ne 0 ] || ! grep -q '^plfs: power loss' "$T/plfs.log"; then
+        why="plfs power loss failed (exit $prc): $(tail -2 "$T/plfs.log" | tr '\n' ' ')"
+    fi
+}
 
 # round SEED APPEND: one writer run killed at a random moment, then the
 # checks; sets $why (empty: passed) and $desc, $out.
@@ -56,9 +105,18 @@ round() {
     maxb=$((1 + RANDOM % 32)) every=$((1 + RANDOM % 16)) q=$((1 + RANDOM % 8))
     delay=$(awk -v r=$RANDOM 'BEGIN { printf "%.3f", 0.05 + (r % 900) / 1000 }')
     desc="$desc${desc:+; }seed $s -b $maxb -k $every -q $q, kill after ${delay}s"
+    why=""
+    if [ "$power" = 1 ]; then
+        local pct=$((RANDOM % 5 * 25))
+        pct=${CRASH_POWER_KEEP:-$pct}
+        desc="$desc, power loss keeping $pct%"
+        echo "plfs: round seed $s" >> "$T/plfs.log"
+        plfs_start "$s" "$pct"
+        [ -n "$why" ] && return
+    fi
     local before=0
     [ -f "$journal" ] && before=$(stat -c %s "$journal")
-    "$CRASHIO" write $append -f "$fmt" -t "$cache" -s "$s" -b $maxb -k $every -q $q "$img" "$journal" \
+    "$CRASHIO" write $append -f "$fmt" -t "$cache" -s "$s" -b $maxb -k $every -q $q "$target" "$journal" \
         2> "$T/writer.log" &
     pid=$!
     # the delay counts from the writer's start (its journal header), not
@@ -74,10 +132,12 @@ round() {
     # A killed process's io_uring is torn down by the kernel after it is
     # reaped; until then the image lock may still look held: wait for it.
     for ((w = 0; w < 100; w++)); do
-        "$VDISK" info -f "$fmt" "$img" > /dev/null 2>&1 && break
+        "$VDISK" info -f "$fmt" "$target" > /dev/null 2>&1 && break
         sleep 0.05
     done
-    why=""
+    # the writer is gone: now the power goes too
+    [ "$power" = 1 ] && plfs_power_loss
+    [ -n "$why" ] && return
     if [ $wrc -ne 137 ] && [ $wrc -ne 0 ]; then
         why="writer exited with status $wrc before the kill: $(head -3 "$T/writer.log" | tr '\n' ' ')"
         return
@@ -97,7 +157,7 @@ round() {
 }
 
 for ((i = 1; i <= points; i++)); do
-    rm -f "$img" "$journal"
+    rm -f "$img" "$journal" "$T/plfs.log"
     if ! "$VDISK" create -q -f "$fmt" ${opts:+-o "$opts"} "$img" "$size" > "$T/create.log" 2>&1; then
         fail "crash $fmt point $i: create" "$(tr '\n' ' ' < "$T/create.log")"
         continue
@@ -110,9 +170,12 @@ for ((i = 1; i <= points; i++)); do
     done
     if [ -z "$why" ]; then
         ok "crash $fmt point $i ($desc): $(echo "$out" | tail -1 | sed 's/^crashio: //')"
+    elif [ "${CRASH_KEEP:-1}" = 0 ]; then
+        fail "crash $fmt point $i ($desc)" "$why"
     else
-        keep=$VDISK_ROOT/build/crash-failures/$fmt-$seed-$i
+        keep=$VDISK_ROOT/build/crash-failures/$fmt$([ "$power" = 1 ] && echo -power)-$seed-$i
         mkdir -p "$keep" && cp "$img" "$journal" "$keep/" 2>/dev/null
+        [ "$power" = 1 ] && cp "$T/plfs.log" "$T/writer.log" "$keep/" 2>/dev/null
         fail "crash $fmt point $i ($desc)" "$why (kept in $keep)"
     fi
 done
