@@ -774,8 +774,10 @@ void vd_loop_stop(struct vd_loop *l)
  * - base threads (2, or VDISK_WORKERS=1..64) start with the first job and
  *   are always kept;
  * - a worker counts as blocked when its job has run for POOL_STALL_MS and
- *   its thread used less than half of that time on a CPU (a CPU-bound job,
- *   say compression, is busy, not blocked: more threads would not help);
+ *   its thread used less than a quarter of that time on a CPU (a job
+ *   waiting on a socket uses next to none; a CPU-bound one, say
+ *   compression, is busy, not blocked, and more threads would not help,
+ *   even when a loaded machine gives it only part of a CPU);
  * - while jobs are queued beyond the idle workers, the pool keeps base
  *   workers that are not blocked: it starts one more thread for each
  *   blocked one, up to POOL_MAX threads in all;
@@ -958,7 +960,7 @@ static bool worker_blocked(struct worker *w, uint64_t ran)
     if (!w->has_cpu)
         return true;
     uint64_t cpu = clock_ns(w->cpu) - w->cpu_started;
-    return cpu < ran / 2;
+    return cpu < ran / 4;
 }
 
 static void *pool_monitor(void *arg)
