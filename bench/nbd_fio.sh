@@ -57,7 +57,7 @@ jobargs() {
     esac
 }
 
-# fio_run JOB ENGINE-ARGS... -> "IOPS MiB/s"
+# fio_run JOB ENGINE-ARGS... -> "IOPS MiB/s FIO-CPU-us-per-op" (fio's usr+sys)
 fio_run() {
     local job=$1
     shift
@@ -65,18 +65,20 @@ fio_run() {
     fio --name="$job" $(jobargs "$job") --size=1G --runtime="$RT" --ramp_time=1 --time_based \
         --randrepeat=0 --norandommap --output-format=json "$@" 2>/dev/null |
         sed -n '/^{/,$p' |
-        jq -r '.jobs[0] | (if .read.io_bytes > 0 then .read else .write end) | "\(.iops|floor) \(.bw_bytes/1048576|floor)"'
+        jq -r '.jobs[0] | (.usr_cpu + .sys_cpu) as $c | (if .read.io_bytes > 0 then .read else .write end) |
+            "\(.iops|floor) \(.bw_bytes/1048576|floor) \(if .iops > 0 then $c * 10000 / .iops else 0 end)"'
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-# nbd_run JOB -> "IOPS MiB/s SERVER-CPU-us-per-op" (CPU from /proc: robust when the machine is busy)
+# nbd_run JOB -> "IOPS MiB/s SERVER-CPU-us-per-op FIO-CPU-us-per-op" (server CPU from
+# /proc: robust when the machine is busy)
 nbd_run() {
     local a b out
     a=$(cpu_ticks "$srv")
     out=$(fio_run "$1" --ioengine=nbd --uri="nbd+unix:///?socket=$sock")
     b=$(cpu_ticks "$srv")
     awk -v o="$out" -v d=$((b - a)) -v hz="$(getconf CLK_TCK)" -v rt="$RT" 'BEGIN {
-        split(o, f, " "); ops = f[1] * (rt + 1); printf "%s %s %.1f", f[1], f[2], (ops > 0 ? d * 1e6 / hz / ops : 0) }'
+        split(o, f, " "); ops = f[1] * (rt + 1); printf "%s %s %.1f %.1f", f[1], f[2], (ops > 0 ? d * 1e6 / hz / ops : 0), f[3] }'
 }
 
 load_start=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -132,6 +134,7 @@ val() { # KEY -> the figure that matters: IOPS for 4k jobs, MiB/s for seqread
     case $1 in *seqread) awk '{print $2}' <<<"$v" ;; *) awk '{print $1}' <<<"$v" ;; esac
 }
 cpu() { awk '{print ($3 == "" ? "-" : $3)}' <<<"${R[$1]:-}"; }
+fcpu() { awk '{print ($4 == "" ? "-" : $4)}' <<<"${R[$1]:-}"; }
 ratio() { awk -v a="$(val "$1")" -v b="$(val "$2")" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "n/a" }'; }
 row() { [[ " $JOBS " == *" $2 "* ]] && want "$1"; }   # SETUP JOB: was it run
 unit() { case $1 in seqread) echo "MiB/s" ;; *) echo "IOPS" ;; esac; }
@@ -169,6 +172,24 @@ done
 for j in randread randwrite seqread; do
     row qcow2 $j || continue
     echo "| qcow2 O_DIRECT | $j | $(cpu qcow2,vdiskd,$j) | $(cpu qcow2,qemu-nbd,$j) | - |"
+done
+echo
+echo "Client CPU time per request (µs; fio's usr+sys as fio reports it; libnbd's poll, recv"
+echo "and send run in fio's job thread, so this is the client's cost of a request):"
+echo
+echo "| setup | job | vdiskd | qemu-nbd | nbdkit |"
+echo "|---|---|---|---|---|"
+for j in randread randwrite seqread; do
+    row buf $j || continue
+    echo "| buffered raw | $j | $(fcpu buf,vdiskd,$j) | $(fcpu buf,qemu-nbd,$j) | $(fcpu buf,nbdkit,$j) |"
+done
+for j in randread randwrite seqread; do
+    row direct $j || continue
+    echo "| O_DIRECT raw | $j | $(fcpu direct,vdiskd,$j) | $(fcpu direct,qemu-nbd,$j) | - |"
+done
+for j in randread randwrite seqread; do
+    row qcow2 $j || continue
+    echo "| qcow2 O_DIRECT | $j | $(fcpu qcow2,vdiskd,$j) | $(fcpu qcow2,qemu-nbd,$j) | - |"
 done
 echo
 echo "load average at the start: $load_start, at the end: $(cut -d' ' -f1-3 /proc/loadavg)"

@@ -519,8 +519,8 @@ void vd_loop_submit_io(struct vd_loop *l, struct vd_io *io)
  * instead of waiting for the disk. A refused or partly done read goes to
  * the engine whole; after a refusal the next il_backoff reads (queued or
  * still to come) skip the try (doubling while they keep missing, so a
- * cold or larger-than-memory working set costs few wasted calls). Completions run here, like reaped
- * ones, never inside vd_loop_submit_io. */
+ * cold or larger-than-memory working set costs few wasted calls).
+ * Completions run here, like reaped ones, never inside vd_loop_submit_io. */
 
 #define IL_BACKOFF_MAX 1024u
 

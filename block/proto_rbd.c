@@ -76,6 +76,11 @@ struct rbd_state {
     _Atomic uint64_t size;
     uint64_t psize;                 /* the RBD image's size; under resize_lock */
     pthread_mutex_t resize_lock;
+    /* Writes that need the image grown: one grows it on the worker pool,
+     * the others wait here, so a burst of them holds one worker, not all. */
+    pthread_mutex_t grow_lock;
+    bool growing;
+    struct vd_io *grow_head, **grow_tail;
     /* Bumped at the start and end of every change of content, so a block
      * status answer computed while a write was in flight is not reused. */
     _Atomic uint64_t wgen;
@@ -293,6 +298,7 @@ static void state_free(struct rbd_state *st)
     if (st->ioctx) rados_ioctx_destroy(st->ioctx);
     if (st->cluster) rados_shutdown(st->cluster);
     pthread_mutex_destroy(&st->resize_lock);
+    pthread_mutex_destroy(&st->grow_lock);
     pthread_mutex_destroy(&st->ext_lock);
     free(st->ext);
     free(st->label);
@@ -463,6 +469,8 @@ static int rbd_open_(struct vd_file *f, const char *name, int flags, enum vd_cac
     struct rbd_state *st = calloc(1, sizeof(*st));
     if (!st) { spec_free(&s); return vd_err(-ENOMEM, "%s: out of memory", name); }
     pthread_mutex_init(&st->resize_lock, NULL);
+    pthread_mutex_init(&st->grow_lock, NULL);
+    st->grow_tail = &st->grow_head;
     pthread_mutex_init(&st->ext_lock, NULL);
     st->timeout = s.timeout;
     /* A crashed owner's lock is broken only once the cluster drops its
@@ -1016,7 +1024,9 @@ static void submit_aio(struct rbd_state *st, struct vd_io *io, uint64_t len);
 
 /* A write that needs rbd_resize first: that is a cluster round trip (or
  * the RBD timeout with a dead OSD), so it runs on the worker pool and the
- * write is submitted from its loop afterwards. Once per growth step. */
+ * write is submitted from its loop afterwards. Once per growth step;
+ * writes that come meanwhile wait for it (grow_head), then try again on
+ * their own loops. */
 struct grow_job {
     struct vd_io *io;
     uint64_t len;
@@ -1033,6 +1043,33 @@ static void grow_run(void *opaque)
     if (g->r < 0) snprintf(g->msg, sizeof(g->msg), "%s", vd_errmsg(g->r));
 }
 
+static void rbd_submit_(struct vd_file *f, struct vd_io *io);
+
+static void grow_retry(void *opaque)
+{
+    struct vd_io *io = opaque;
+    rbd_submit_(io->file, io);
+}
+
+/* The grow is over: the writes that waited try again, or fail as it did
+ * (a sick cluster costs one timeout, not one per waiting write). */
+static void grow_release(struct rbd_state *st, int r)
+{
+    pthread_mutex_lock(&st->grow_lock);
+    struct vd_io *w = st->grow_head;
+    st->grow_head = NULL;
+    st->grow_tail = &st->grow_head;
+    st->growing = false;
+    pthread_mutex_unlock(&st->grow_lock);
+    while (w) {
+        struct vd_io *next = w->next;
+        w->next = NULL;
+        if (r < 0) aio_fail(w, r);
+        else vd_loop_post(w->loop, grow_retry, w);
+        w = next;
+    }
+}
+
 static void grow_done(void *opaque)
 {
     struct grow_job *g = opaque;
@@ -1042,6 +1079,7 @@ static void grow_done(void *opaque)
     int r = g->r;
     if (r < 0) vd_err(r, "%s", g->msg);
     free(g);
+    grow_release(st, r);
     if (r < 0) { aio_fail(io, r); return; }
     bump(st);
     submit_aio(st, io, len);
@@ -1056,8 +1094,18 @@ static void rbd_submit_(struct vd_file *f, struct vd_io *io)
     if (io->op == VD_IO_WRITE) {
         if (st->readonly) { aio_fail(io, -EROFS); return; }
         if (len && !grow_in_place(st, io->off + len)) {
+            pthread_mutex_lock(&st->grow_lock);
+            bool wait = st->growing;
+            if (wait) {
+                io->next = NULL;
+                *st->grow_tail = io;
+                st->grow_tail = &io->next;
+            }
+            st->growing = true;
+            pthread_mutex_unlock(&st->grow_lock);
+            if (wait) return;
             struct grow_job *g = calloc(1, sizeof(*g));
-            if (!g) { aio_fail(io, -ENOMEM); return; }
+            if (!g) { grow_release(st, -ENOMEM); aio_fail(io, -ENOMEM); return; }
             g->io = io;
             g->len = len;
             vd_loop_offload(io->loop, grow_run, grow_done, g);

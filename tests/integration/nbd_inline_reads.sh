@@ -106,11 +106,11 @@ done
 # drop the cache, read back at depth 32.
 rm -f "$T/copy.raw"
 out=$(fio --name=w --ioengine=nbd --uri="nbd+unix:///raw?socket=$T/s.sock" --rw=randwrite --bs=4k \
-    --iodepth=32 --size=8M --verify=crc32c --do_verify=0 --randrepeat=0 --verify_state_save=0 \
+    --iodepth=32 --size=8M --verify=crc32c --do_verify=0 --randseed=5150 --verify_state_save=0 \
     --output-format=terse 2>&1) || fail "fio write" "$out"
 uncache "$T/d.raw"
 out=$(fio --name=w --ioengine=nbd --uri="nbd+unix:///raw?socket=$T/s.sock" --rw=randread --bs=4k \
-    --iodepth=32 --size=8M --verify=crc32c --verify_only --verify_fatal=1 --randrepeat=0 \
+    --iodepth=32 --size=8M --verify=crc32c --verify_only --verify_fatal=1 --randseed=5150 \
     --verify_state_save=0 --output-format=terse 2>&1)
 if [ $? -eq 0 ] && ! grep -qi 'verify.*fail\|bad magic\|crc32c.*wanted' <<<"$out"; then
     ok "fio crc32c verify of random writes, read back with a cold page cache"

@@ -19,6 +19,7 @@ stall_cleanup() {
 on_exit stall_cleanup
 rbd_cluster_up
 MiB=1048576
+G=1073741824
 
 # probe_local N: a new connection to the local export writes and reads back
 # 1 MiB of pattern N; sets rc, el (ms), out. A hang detector, not a timing.
@@ -145,13 +146,23 @@ wait "$rs_pid"; rsrc=$?; rs_pid=
     qemu-io -f raw -c "read -P 4 $((64 * MiB)) $(( gap / C * C ))" -c "read -P 5 $((64 * MiB + gap / C * C)) $C" "$QN" \
     || fail "the write that grows the image completes" "rc $rsrc: $(cat "$T/gw.out")"
 
+# Many fresh clusters at once (QD32 over two connections) across growth
+# steps: the writes that need the image grown wait for one grow on a
+# worker, then go on; every byte verified.
+out=$(timeout 120 fio --name=grow --ioengine=nbd --uri="$QN" --rw=randwrite --bs=64k --iodepth=32 \
+    --numjobs=2 --offset=$((G + 64 * MiB)) --size=80M --offset_increment=80M --verify=crc32c \
+    --do_verify=1 --verify_fatal=1 --verify_state_save=0 --randrepeat=0 --group_reporting \
+    --output-format=terse 2>&1)
+[ $? -eq 0 ] && ! grep -qi 'verify.*fail\|bad magic\|crc32c.*wanted' <<<"$out" \
+    && ok "fio: 160 MiB of fresh qcow2 clusters on rbd at QD32 x 2, growing the image, verified" \
+    || fail "fio: fresh qcow2 clusters on rbd at QD32 x 2, verified" "$(tail -c 600 <<<"$out")"
+
 # A resize of the qcow2 on rbd while the OSD is stopped: the format's table
 # and header writes and the flush after them stall on a worker (through
 # the gate: the export's requests wait for it), the control command on the
 # control socket's command thread. Meanwhile the main loop still accepts
 # connections (a new one to the local export is served) and answers
 # another control client.
-G=1073741824
 osd=$(cat "$T/ceph/osd.pid")
 kill -STOP "$osd"
 timeout 90 $VDISK ctl "$T/ctl.sock" block-resize "{\"name\": \"q\", \"size\": $((7 * G))}" > "$T/rs.out" 2>&1 &
