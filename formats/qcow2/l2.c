@@ -393,6 +393,8 @@ int vd_q2_commit(struct vd_layer *l, struct vd_alloc *a, int err)
                               (unsigned long long)cst);
             }
             ne = (host + i * s->cs) | Q2_COPIED;
+            if (host + (i + 1) * s->cs > s->linked_end)
+                s->linked_end = host + (i + 1) * s->cs;
         } else {
             ne = (e & Q2_OFF_MASK) | Q2_COPIED;
         }

@@ -93,6 +93,7 @@ static int q2_open(struct vd_layer *l)
     free(hb);
     hb = NULL;
     s->host_end = (fsize + s->cs - 1) & ~(s->cs - 1);
+    s->linked_end = s->synced_end = s->host_end;
     if ((r = load_l1(s)) < 0 || (r = vd_q2_load_rt(s)) < 0 || (r = vd_q2_load_snapshots(s, fsize)) < 0)
         goto fail;
     if ((r = vd_q2_cache_init(&s->l2c, s, "L2 table", clamp((8u << 20) / s->cs, 8, 1024), s->cs,

@@ -146,6 +146,10 @@ struct q2 {
 
     uint64_t free_hint;           /* cluster index: nothing free below it */
     uint64_t host_end;            /* bytes, cluster aligned: nothing allocated at or past it */
+    /* End of the fresh data clusters linked into L2 tables (commit), and
+     * how far that was when the file was last synced for an L2 write: a
+     * table must not reach the disk before the file covers its clusters. */
+    uint64_t linked_end, synced_end;
     uint64_t comp_cursor;         /* next free byte in the compressed-data cluster, 0 = none */
     /* Compressed blobs allocated back to back are gathered here and written
      * in one request (vd_q2_comp_flush) before any L2 table, any flush, and

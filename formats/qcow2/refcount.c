@@ -369,6 +369,20 @@ int vd_q2_l2_pre_write(struct q2 *s)
         return r;
     if ((r = vd_q2_mark_dirty(s)) < 0)
         return r;
+    /* Fresh clusters past the end of the file as last synced: the writes
+     * that grew the file into them are done (commit follows the data) but
+     * maybe not durable. Were the table to reach the disk first, a power
+     * loss could leave an entry pointing past the end of the file (an
+     * error to every check, EIO to the guest): sync those writes first.
+     * Only when the file grew; data written over clusters inside it may
+     * still be lost with the flush it was not covered by, as allowed. */
+    if (s->linked_end > s->synced_end) {
+        uint64_t end = s->linked_end;
+        if ((r = vd_file_sync(s->f)) < 0)
+            return vd_err(r, "%s: sync before an L2 table write failed", s->fname);
+        s->synced_end = end;
+        s->rcc.wrote = s->l2c.wrote = false;
+    }
     if (s->dirty_on_disk) {     /* lazy refcounts: rebuilt after a crash */
         r = vd_q2_cache_flush(&s->rcc);
         s->rcc.wrote = false;

@@ -1,6 +1,6 @@
 /* plfs: a FUSE file system that simulates a power loss (tests/crash/crash.sh -P).
  *
- *   plfs [-s seed] [-p keep_pct] [-l log] BACKING MOUNTPOINT
+ *   plfs [-s seed] [-p keep_pct] [-F n] [-l log] BACKING MOUNTPOINT
  *
  * Mounts over MOUNTPOINT (an existing regular file) a file whose content is
  * BACKING's. Every change goes through to BACKING at once and is recorded
@@ -13,6 +13,9 @@
  *                    probability keep_pct% (default 50, drawn from the seed),
  *                    undo the others at sector granularity, log them,
  *                    unmount and exit (status 0 when the undo succeeded).
+ *   -F n             the same power loss during the n-th fsync: it never
+ *                    completes (the caller gets EIO), a deterministic point
+ *                    for regression tests.
  *   SIGTERM/SIGINT   unmount and exit, everything kept.
  *
  * Once the power is lost, every request fails with EIO. Locks are left to
@@ -29,6 +32,7 @@
 static struct plfs_state st;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static bool dead;
+static unsigned long fail_at, nsyncs;    /* -F */
 static FILE *plog;
 
 static void *pl_init(struct fuse_conn_info *conn, struct fuse_config *cfg)
@@ -94,7 +98,16 @@ static int pl_write(const char *path, const char *buf, size_t len, off_t off, st
 static int pl_fsync(const char *path, int datasync, struct fuse_file_info *fi)
 {
     pthread_mutex_lock(&mu);
-    int r = dead ? -EIO : plfs_sync(&st);
+    int r;
+    if (!dead && fail_at && ++nsyncs == fail_at) {
+        /* the power goes before this sync is done: main() does the loss */
+        dead = true;
+        fprintf(plog, "plfs: power loss during fsync #%lu\n", nsyncs);
+        kill(getpid(), SIGUSR1);
+        r = -EIO;
+    } else {
+        r = dead ? -EIO : plfs_sync(&st);
+    }
     pthread_mutex_unlock(&mu);
     return r;
 }
@@ -178,17 +191,18 @@ int main(int argc, char **argv)
     unsigned keep_pct = 50;
     const char *logname = NULL;
     int c;
-    while ((c = getopt(argc, argv, "s:p:l:")) != -1) {
+    while ((c = getopt(argc, argv, "s:p:F:l:")) != -1) {
         switch (c) {
         case 's': seed = strtoull(optarg, NULL, 0); break;
         case 'p': keep_pct = (unsigned)atoi(optarg); break;
+        case 'F': fail_at = strtoul(optarg, NULL, 0); break;
         case 'l': logname = optarg; break;
         default: goto usage;
         }
     }
     if (argc - optind != 2 || keep_pct > 100) {
 usage:
-        fprintf(stderr, "usage: plfs [-s seed] [-p keep_pct] [-l log] BACKING MOUNTPOINT\n");
+        fprintf(stderr, "usage: plfs [-s seed] [-p keep_pct] [-F n] [-l log] BACKING MOUNTPOINT\n");
         return 2;
     }
     const char *backing = argv[optind], *mnt = argv[optind + 1];
