@@ -6,7 +6,7 @@
 # thread and the server's busiest thread were on the same CPU (same=), and
 # the server's voluntary context switches (sleeps) per request; then the
 # medians. Environment: RT (seconds, default 3, after 1 s of ramp),
-# QD (32), JOB (randread|randwrite), MODE (cache: writeback|none), FMT
+# QD (32), BS (4k), JOB (randread|randwrite|read), MODE (cache: writeback|none), FMT
 # (raw), IMG (default build/bench/nbd/img.raw, made by bench/nbd_fio.sh),
 # FIOX (more fio options, e.g. --rate_iops=60000), PINS / PINC (commands
 # that prefix the server / fio, e.g. "taskset -c 1"), ENVV (VAR=value for
@@ -34,7 +34,7 @@ for r in $(seq $R); do
     cs0=$(cat /proc/$srv/task/*/status | awk '/^voluntary_ctxt/ {s+=$2} END {print s}')
     ( sleep 1.2; bench/nbd_place.py $srv $$ $RT > $W/place.out ) &
     pl=$!
-    ${PINC:-} fio --name=x --rw=$JOB --bs=4k --iodepth=${QD:-32} --size=1G --runtime=$RT --ramp_time=1 --time_based --norandommap --randrepeat=0 ${FIOX:-} --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --output-format=json > $W/ab.json 2>/dev/null
+    ${PINC:-} fio --name=x --rw=$JOB --bs=${BS:-4k} --iodepth=${QD:-32} --size=1G --runtime=$RT --ramp_time=1 --time_based --norandommap --randrepeat=0 ${FIOX:-} --ioengine=nbd --uri="nbd+unix:///?socket=$sock" --output-format=json > $W/ab.json 2>/dev/null
     z=$(awk '{print $14+$15}' /proc/$srv/stat)
     wait $pl; same=$(cat $W/place.out)
     cs1=$(cat /proc/$srv/task/*/status | awk '/^voluntary_ctxt/ {s+=$2} END {print s}')

@@ -762,7 +762,38 @@ void vd_loop_stop(struct vd_loop *l)
     wake(l);
 }
 
-/* ---- the shared worker pool ---- */
+/* ---- the shared worker pool ----
+ *
+ * Offloaded jobs are slow, synchronous calls: compression, fdatasync, and
+ * the format calls of gated disks (layers on RBD or NBD), where one job
+ * blocks its thread for a network round trip, or for the whole RBD/NBD
+ * timeout when the remote side is stalled. A fixed pool would let one
+ * stalled disk hold every worker and starve every other disk, so the pool
+ * is elastic:
+ *
+ * - base threads (2, or VDISK_WORKERS=1..64) start with the first job and
+ *   are always kept;
+ * - a worker counts as blocked when its job has run for POOL_STALL_MS and
+ *   its thread used less than a quarter of that time on a CPU (a job
+ *   waiting on a socket uses next to none; a CPU-bound one, say
+ *   compression, is busy, not blocked, and more threads would not help,
+ *   even when a loaded machine gives it only part of a CPU);
+ * - while jobs are queued beyond the idle workers, the pool keeps base
+ *   workers that are not blocked: it starts one more thread for each
+ *   blocked one, up to POOL_MAX threads in all;
+ * - threads beyond base exit once idle for VDISK_WORKERS_IDLE_MS (10 s).
+ *
+ * A stall may begin after the last job was queued, so the check cannot
+ * live only in vd_loop_offload: one monitor thread does it. It sleeps on
+ * its own condition variable while every queued job has an idle worker
+ * waiting for it (the common case costs the enqueuer nothing more than
+ * before), and otherwise waits with a timeout until the oldest running job
+ * reaches the threshold, then decides. Threads are counted idle from the
+ * moment they are created, so one backlog does not start two threads. */
+
+#define POOL_MAX        64          /* threads in all, base included */
+#define POOL_STALL_MS   5
+#define POOL_IDLE_MS    10000       /* default of VDISK_WORKERS_IDLE_MS */
 
 struct job {
     vd_fn fn, done;
@@ -771,27 +802,78 @@ struct job {
     struct job *next;
 };
 
+/* A worker while it runs a job (on its stack, in pool.running). */
+struct worker {
+    bool has_cpu;
+    clockid_t cpu;                  /* the thread's CPU-time clock */
+    uint64_t started;               /* CLOCK_MONOTONIC ns at job start */
+    uint64_t cpu_started;           /* the thread's CPU time then */
+    struct worker *prev, *next;
+};
+
 static struct {
     pthread_mutex_t lock;
-    pthread_cond_t cond;
+    pthread_cond_t cond;            /* workers: a job was queued */
+    pthread_cond_t mon_cond;        /* monitor: a job waits for a thread */
     struct job *head, *tail;
-    int nthreads;
-} pool = { PTHREAD_MUTEX_INITIALIZER, PTHREAD_COND_INITIALIZER, NULL, NULL, 0 };
+    int queued;                     /* jobs in the queue */
+    int nthreads;                   /* workers alive */
+    int idle;                       /* workers not running a job */
+    int base;                       /* workers always kept */
+    uint64_t idle_ns;               /* extra workers exit after this */
+    bool monitor, mon_asleep;
+    struct worker *running;
+} pool = { .lock = PTHREAD_MUTEX_INITIALIZER };
+
+static uint64_t pool_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static struct timespec pool_ts(uint64_t ns)
+{
+    return (struct timespec){ .tv_sec = ns / 1000000000u, .tv_nsec = ns % 1000000000u };
+}
+
+static uint64_t clock_ns(clockid_t c)
+{
+    struct timespec ts;
+    if (clock_gettime(c, &ts) < 0)
+        return 0;
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* Both condition variables time out on CLOCK_MONOTONIC (a wall-clock
+ * step must not end idle periods early or stretch the monitor's wait). */
+static void pool_init_conds(void)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&pool.cond, &a);
+    pthread_cond_init(&pool.mon_cond, &a);
+    pthread_condattr_destroy(&a);
+}
 
 /* A child of fork() has none of the pool's threads: start afresh (jobs
  * queued in the parent are the parent's business). */
 static void pool_after_fork_child(void)
 {
     pthread_mutex_init(&pool.lock, NULL);
-    pthread_cond_init(&pool.cond, NULL);
+    pool_init_conds();
     pool.head = pool.tail = NULL;
-    pool.nthreads = 0;
+    pool.queued = pool.nthreads = pool.idle = 0;
+    pool.monitor = pool.mon_asleep = false;
+    pool.running = NULL;
 }
 
 static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
 
 static void pool_init_once(void)
 {
+    pool_init_conds();
     pthread_atfork(NULL, NULL, pool_after_fork_child);
 }
 
@@ -807,48 +889,157 @@ static void job_done(void *opaque)
 
 static void *pool_worker(void *arg)
 {
+    (void)arg;
+    struct worker w = { 0 };
+    w.has_cpu = pthread_getcpuclockid(pthread_self(), &w.cpu) == 0;
     pthread_mutex_lock(&pool.lock);
     for (;;) {
-        while (!pool.head)
-            pthread_cond_wait(&pool.cond, &pool.lock);
+        uint64_t idle_until = pool_now() + pool.idle_ns;
+        while (!pool.head) {
+            if (pool.nthreads <= pool.base) {
+                pthread_cond_wait(&pool.cond, &pool.lock);
+                continue;
+            }
+            if (pool_now() >= idle_until) {
+                /* an extra thread, idle long enough: the pool shrinks */
+                pool.nthreads--;
+                pool.idle--;
+                pthread_mutex_unlock(&pool.lock);
+                return NULL;
+            }
+            struct timespec ts = pool_ts(idle_until);
+            pthread_cond_timedwait(&pool.cond, &pool.lock, &ts);
+        }
         struct job *j = pool.head;
         pool.head = j->next;
         if (!pool.head)
             pool.tail = NULL;
+        pool.queued--;
+        pool.idle--;
+        w.started = pool_now();
+        w.cpu_started = w.has_cpu ? clock_ns(CLOCK_THREAD_CPUTIME_ID) : 0;
+        w.prev = NULL;
+        w.next = pool.running;
+        if (pool.running)
+            pool.running->prev = &w;
+        pool.running = &w;
         pthread_mutex_unlock(&pool.lock);
         j->fn(j->opaque);
         vd_loop_post(j->loop, job_done, j);
         pthread_mutex_lock(&pool.lock);
+        if (w.prev)
+            w.prev->next = w.next;
+        else
+            pool.running = w.next;
+        if (w.next)
+            w.next->prev = w.prev;
+        pool.idle++;
     }
     return NULL;
 }
 
-static int pool_size(void)
+/* Under pool.lock. 0, or -errno when no thread could be created. */
+static int pool_spawn(void)
 {
-    const char *s = getenv("VDISK_WORKERS");
-    int n = s ? atoi(s) : 0;
-    return n > 0 && n <= 64 ? n : 2;
+    pthread_t t;
+    pool.idle++;                    /* before it runs: see the top comment */
+    pool.nthreads++;
+    int r = pthread_create(&t, NULL, pool_worker, NULL);
+    if (r != 0) {
+        pool.idle--;
+        pool.nthreads--;
+        return -r;
+    }
+    pthread_detach(t);
+    return 0;
+}
+
+/* Under pool.lock: has w's job run long without using the CPU? */
+static bool worker_blocked(struct worker *w, uint64_t ran)
+{
+    if (!w->has_cpu)
+        return true;
+    uint64_t cpu = clock_ns(w->cpu) - w->cpu_started;
+    return cpu < ran / 4;
+}
+
+static void *pool_monitor(void *arg)
+{
+    (void)arg;
+    const uint64_t stall = POOL_STALL_MS * 1000000ull;
+    pthread_mutex_lock(&pool.lock);
+    for (;;) {
+        if (pool.queued <= pool.idle) {
+            /* every queued job has an idle worker: nothing to do */
+            pool.mon_asleep = true;
+            pthread_cond_wait(&pool.mon_cond, &pool.lock);
+            pool.mon_asleep = false;
+            continue;
+        }
+        uint64_t now = pool_now(), next = now + stall;
+        int blocked = 0;
+        for (struct worker *w = pool.running; w; w = w->next) {
+            uint64_t ran = now - w->started;
+            if (ran < stall) {
+                if (w->started + stall < next)
+                    next = w->started + stall;
+            } else if (worker_blocked(w, ran)) {
+                blocked++;
+            }
+        }
+        if (blocked > 0 && pool.nthreads - blocked < pool.base &&
+            pool.nthreads < POOL_MAX && pool_spawn() == 0)
+            continue;               /* look again: more may be needed */
+        struct timespec ts = pool_ts(next);
+        pthread_cond_timedwait(&pool.mon_cond, &pool.lock, &ts);
+    }
+    return NULL;
+}
+
+static int env_int(const char *name, int def, int min, int max)
+{
+    const char *s = getenv(name);
+    char *end;
+    if (!s || !*s)
+        return def;
+    long n = strtol(s, &end, 10);
+    return *end == 0 && n >= min && n <= max ? (int)n : def;
+}
+
+/* Under pool.lock, on the first job (or the first after fork). */
+static void pool_start(void)
+{
+    pool.base = env_int("VDISK_WORKERS", 2, 1, POOL_MAX);
+    pool.idle_ns = (uint64_t)env_int("VDISK_WORKERS_IDLE_MS", POOL_IDLE_MS, 1, 3600000) * 1000000u;
+    for (int i = 0; i < pool.base; i++)
+        pool_spawn();
+    if (pool.nthreads > 0 && !pool.monitor) {
+        /* Without it the pool still works, only at its base size. */
+        pthread_t t;
+        if (pthread_create(&t, NULL, pool_monitor, NULL) == 0) {
+            pthread_detach(t);
+            pool.monitor = true;
+        }
+    }
 }
 
 void vd_loop_offload(struct vd_loop *l, vd_fn fn, vd_fn done, void *opaque)
 {
     struct job *j = malloc(sizeof(*j));
-    if (!j)
-        abort();
+    if (!j) {
+        /* Out of memory: do the work here, as when no thread can be
+         * started, and hand done to the loop the way a worker would. */
+        fn(opaque);
+        if (done)
+            vd_loop_post(l, done, opaque);
+        return;
+    }
     *j = (struct job){ .fn = fn, .done = done, .opaque = opaque, .loop = l };
     atomic_fetch_add(&l->offloads, 1);
     pthread_once(&pool_once, pool_init_once);
     pthread_mutex_lock(&pool.lock);
-    if (pool.nthreads == 0) {
-        int want = pool_size();
-        for (int i = 0; i < want; i++) {
-            pthread_t t;
-            if (pthread_create(&t, NULL, pool_worker, NULL) == 0) {
-                pthread_detach(t);
-                pool.nthreads++;
-            }
-        }
-    }
+    if (pool.nthreads == 0)
+        pool_start();
     if (pool.nthreads == 0) {
         /* No thread could be started: run it here, finish it later. */
         pthread_mutex_unlock(&pool.lock);
@@ -861,6 +1052,9 @@ void vd_loop_offload(struct vd_loop *l, vd_fn fn, vd_fn done, void *opaque)
     else
         pool.head = j;
     pool.tail = j;
+    pool.queued++;
     pthread_cond_signal(&pool.cond);
+    if (pool.queued > pool.idle && pool.mon_asleep)
+        pthread_cond_signal(&pool.mon_cond);
     pthread_mutex_unlock(&pool.lock);
 }
