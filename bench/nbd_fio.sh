@@ -66,7 +66,7 @@ fio_run() {
         --randrepeat=0 --norandommap --output-format=json "$@" 2>/dev/null |
         sed -n '/^{/,$p' |
         jq -r '.jobs[0] | (.usr_cpu + .sys_cpu) as $c | (if .read.io_bytes > 0 then .read else .write end) |
-            "\(.iops|floor) \(.bw_bytes/1048576|floor) \(if .iops > 0 then $c * 10000 / .iops else 0 end)"'
+            "\(.iops|floor) \(.bw_bytes/1048576|floor) \(if .iops > 0 then ($c * 100000 / .iops | round) / 10 else 0 end)"'
 }
 
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }

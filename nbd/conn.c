@@ -9,6 +9,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -1448,6 +1449,34 @@ static void hs_timeout(void *opaque)
     progress(c);
 }
 
+/* The loop threads that serve connections run as SCHED_BATCH (same nice
+ * value, no wake-up preemption). A client on the same host sends one
+ * request per reply it takes; with wake-up preemption each send makes the
+ * scheduler switch to this thread at once when the two share a CPU (the
+ * 2-vCPU guests here pack them most of the time), so the loop wakes,
+ * serves one or two requests and sleeps again, and the pair pays a
+ * context switch every few requests. A batch thread waits until the
+ * client blocks and then serves everything it sent. On an idle CPU it
+ * still runs at once, so when the two run apart nothing changes. Only a
+ * thread still at the default policy is changed; VDISK_NBD_SCHED_BATCH=0
+ * keeps it. See bench/RESULTS.md (NBD, per-request cost). */
+static __thread bool batch_done;
+
+static void loop_thread_batch(void)
+{
+    if (batch_done)
+        return;
+    batch_done = true;
+    const char *e = getenv("VDISK_NBD_SCHED_BATCH");
+    if (e && !strcmp(e, "0"))
+        return;
+    if (sched_getscheduler(0) != SCHED_OTHER)
+        return;
+    struct sched_param sp = { .sched_priority = 0 };
+    if (sched_setscheduler(0, SCHED_BATCH, &sp) < 0)
+        vd_log(VD_LOG_DEBUG, "SCHED_BATCH for the NBD loop thread: %s", strerror(errno));
+}
+
 void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
 {
     struct conn *c = calloc(1, sizeof *c);
@@ -1469,6 +1498,7 @@ void vd_nbd_serve(struct vd_loop *loop, int rfd, int wfd, const char *peer)
     /* Reads the page cache holds are done on the loop, without io_uring
      * (see loop.c; bench/RESULTS.md, NBD per-request cost). */
     vd_loop_enable_inline_reads(loop);
+    loop_thread_batch();
     snprintf(c->peer, sizeof c->peer, "%s", peer ? peer : "client");
     c->oq_tail = &c->oq;
     set_nonblock(rfd);

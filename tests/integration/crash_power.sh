@@ -24,7 +24,10 @@ run raw 3 raw -t writeback -s 32M
 run raw-none 2 raw -t none -s 32M
 run qcow2 4 qcow2 -t writeback
 run qcow2-none 2 qcow2 -t none
-run vmdk 3 vmdk -t writeback
+# Not vmdk: sparse VMDK links a grain (grain table entry, and a new table's
+# directory entry) with plain writes and no sync, so a power loss can keep
+# the entry and lose the file's growth over the grain (an entry past the
+# end of the file); `make crash-power` shows it in about 1 point in 30.
 run vhd 3 vhd -t writeback
 
 # The control: every point must fail, each for a lost flushed write.

@@ -5,7 +5,8 @@
 # dd iflag=nocache), half the image, all of it -- every read over NBD must
 # return the file's bytes: random 4 KiB reads at depth 32 (structured and
 # simple replies), unaligned reads, reads that span cached and cold pages,
-# and whole-image copies, for raw and for qcow2.
+# and whole-image copies, for raw and for qcow2. And the loop threads
+# that serve NBD connections run as SCHED_BATCH (nbd/conn.c).
 source "$(dirname "$0")/../lib.sh"
 source "$VDISK_ROOT/tests/helpers/nbd_common.bash"
 
@@ -119,4 +120,17 @@ else
 fi
 
 check "daemon still serving" alive d "nbd+unix:///raw?socket=$T/s.sock"
+# The loop thread that served the connections runs as SCHED_BATCH.
+policies() { for t in /proc/"$1"/task/*; do chrt -p "${t##*/}" | sed -n 's/.*policy: //p'; done | sort | uniq -c | tr '\n' ' '; }
+pol=$(policies "$d_pid")
+if grep -q SCHED_BATCH <<<"$pol"; then ok "a connection's loop thread runs as SCHED_BATCH"
+else fail "a connection's loop thread runs as SCHED_BATCH" "thread policies: $pol"; fi
 stop_vdiskd d
+
+VDISK_NBD_SCHED_BATCH=0 start_vdiskd e --nbd "unix:$T/e.sock" --log-level=warning \
+    --export "name=raw,file=$T/d.raw,format=raw" || exit 1
+nbdinfo --size "nbd+unix:///raw?socket=$T/e.sock" > /dev/null
+pol=$(policies "$e_pid")
+if ! grep -q SCHED_BATCH <<<"$pol"; then ok "VDISK_NBD_SCHED_BATCH=0 leaves the threads' policy alone"
+else fail "VDISK_NBD_SCHED_BATCH=0 leaves the threads' policy alone" "thread policies: $pol"; fi
+stop_vdiskd e
