@@ -892,6 +892,9 @@ static void *pool_worker(void *arg)
     (void)arg;
     struct worker w = { 0 };
     w.has_cpu = pthread_getcpuclockid(pthread_self(), &w.cpu) == 0;
+    /* The thread's CPU time when its next job starts: read outside the
+     * lock, after each job (waiting for one uses next to no CPU). */
+    uint64_t cpu = w.has_cpu ? clock_ns(CLOCK_THREAD_CPUTIME_ID) : 0;
     pthread_mutex_lock(&pool.lock);
     for (;;) {
         uint64_t idle_until = pool_now() + pool.idle_ns;
@@ -917,7 +920,7 @@ static void *pool_worker(void *arg)
         pool.queued--;
         pool.idle--;
         w.started = pool_now();
-        w.cpu_started = w.has_cpu ? clock_ns(CLOCK_THREAD_CPUTIME_ID) : 0;
+        w.cpu_started = cpu;
         w.prev = NULL;
         w.next = pool.running;
         if (pool.running)
@@ -926,6 +929,7 @@ static void *pool_worker(void *arg)
         pthread_mutex_unlock(&pool.lock);
         j->fn(j->opaque);
         vd_loop_post(j->loop, job_done, j);
+        cpu = w.has_cpu ? clock_ns(CLOCK_THREAD_CPUTIME_ID) : 0;
         pthread_mutex_lock(&pool.lock);
         if (w.prev)
             w.prev->next = w.next;
