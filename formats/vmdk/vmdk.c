@@ -271,6 +271,8 @@ static void vmdk_close(struct vd_layer *l)
         struct vmdk_extent *e = &s->ext[i];
         if (e->sp && e->sp->stream && !l->readonly)
             vd_vmdk_stream_finish(e->path ? e->path : lname(l), e->file, e->sp);
+        if (e->sp && !l->readonly)      /* normally done by the flush before close */
+            vd_vmdk_sparse_write_links(e->path ? e->path : lname(l), e->file, e->sp);
         vd_vmdk_sparse_free(e->sp);
         if (e->own_file)
             vd_file_close(e->file);
@@ -831,6 +833,11 @@ static int vmdk_flush(struct vd_layer *l)
         struct vmdk_extent *e = &s->ext[i];
         if (e->sp && e->sp->stream) {
             int r = vd_vmdk_stream_finish(e->path ? e->path : lname(l), e->file, e->sp);
+            if (r < 0)
+                return r;
+        }
+        if (e->sp) {
+            int r = vd_vmdk_sparse_write_links(e->path ? e->path : lname(l), e->file, e->sp);
             if (r < 0)
                 return r;
         }

@@ -133,7 +133,17 @@ struct vmdk_sparse {
     bool stream_dirty;          /* GD / footer must be rewritten */
     uint8_t *gt_dirty;          /* per GD entry: the table needs (re)writing */
     uint64_t last_lba;
+    /* Grain table and directory changes not yet written (per directory
+     * entry, VMDK_PEND_*): linking a grain only changes the tables in
+     * memory; vd_vmdk_sparse_write_links writes them out at a flush, after
+     * the grains they point at are durable. */
+    uint8_t *pend;
+    bool any_pend;
 };
+#define VMDK_PEND_GT  1u        /* the table changed */
+#define VMDK_PEND_RGT 2u        /* the redundant table changed */
+#define VMDK_PEND_GD  4u        /* the directory entry is new */
+#define VMDK_PEND_RGD 8u        /* the redundant directory entry is new */
 
 struct vmdk_extent {
     enum vmdk_access access;
@@ -181,6 +191,7 @@ int  vd_vmdk_sparse_gte(const char *name, struct vd_file *f, struct vmdk_sparse 
 /* Link grain g at sector `sector` (both directories), allocating its grain
  * table when the directory has none. */
 int  vd_vmdk_sparse_link(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t sector);
+int  vd_vmdk_sparse_write_links(const char *name, struct vd_file *f, struct vmdk_sparse *s);
 /* A fresh sparse extent image into buf-less file: header, descriptor, tables. */
 int  vd_vmdk_sparse_write_new(struct vd_file *f, uint64_t capacity, uint32_t version, uint32_t flags,
                            const char *desc, size_t desc_len, const char *name);

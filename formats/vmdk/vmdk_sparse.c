@@ -27,6 +27,7 @@ void vd_vmdk_sparse_free(struct vmdk_sparse *s)
     free(s->gd);
     free(s->rgd);
     free(s->gt_dirty);
+    free(s->pend);
     free(s);
 }
 
@@ -259,79 +260,120 @@ int vd_vmdk_sparse_gte(const char *name, struct vd_file *f, struct vmdk_sparse *
     return 0;
 }
 
-static int new_table(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint32_t *sector)
+/* Room for a new grain table at the end of the extent; written by
+ * vd_vmdk_sparse_write_links. */
+static int reserve_table(const char *name, struct vmdk_sparse *s, uint32_t *sector)
 {
     uint64_t bytes = ((uint64_t)s->gtes * 4 + VMDK_SECTOR - 1) / VMDK_SECTOR * VMDK_SECTOR;
-    uint8_t *z = calloc(1, bytes);
-    if (!z)
-        return -ENOMEM;
     uint64_t at = s->next;
-    int r = vd_file_pwrite(f, z, bytes, at);
-    free(z);
-    if (r < 0)
-        return vd_err(r, "%s: cannot write a grain table at offset %llu", name, (unsigned long long)at);
     if (at / VMDK_SECTOR > 0xFFFFFFFFu)
         return vd_err(-EFBIG, "%s: the extent outgrew 2 TiB of sectors", name);
     s->next += bytes;
-    if (s->next > s->fsize)
-        s->fsize = s->next;
     *sector = (uint32_t)(at / VMDK_SECTOR);
     return 0;
 }
 
-/* One directory (primary or redundant): make sure the table exists, set the entry. */
-static int link_one(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint32_t *dir,
-                    uint64_t dir_off, uint32_t **tables, uint64_t g, uint32_t sector)
+/* One directory (primary or redundant): make sure the table exists, set the
+ * entry, in memory; mark what vd_vmdk_sparse_write_links must write. */
+static int link_one(const char *name, struct vd_file *f, struct vmdk_sparse *s, bool red, uint64_t g,
+                    uint32_t sector)
 {
+    uint32_t *dir = red ? s->rgd : s->gd;
+    uint32_t **tables = red ? s->rgt : s->gt;
     uint32_t di = (uint32_t)(g / s->gtes), ti = (uint32_t)(g % s->gtes);
     int r;
-    uint8_t e[4];
-    put_le32(e, sector);
     if (!dir[di]) {
-        uint32_t ts = 0;
-        r = new_table(name, f, s, &ts);
-        if (r < 0)
-            return r;
-        r = vd_file_pwrite(f, e, 4, (uint64_t)ts * VMDK_SECTOR + ti * 4);
-        if (r < 0)
-            return vd_err(r, "%s: cannot write a grain table entry at sector %u", name, ts);
-        /* The table is complete before the directory points at it. */
-        uint8_t d[4];
-        put_le32(d, ts);
-        r = vd_file_pwrite(f, d, 4, dir_off * VMDK_SECTOR + di * 4);
-        if (r < 0)
-            return vd_err(r, "%s: cannot write grain directory entry %u", name, di);
-        dir[di] = ts;
-        free(tables[di]);
-        tables[di] = calloc(s->gtes, 4);
-        if (!tables[di])
+        uint32_t *t = calloc(s->gtes, 4), ts = 0;
+        if (!t)
             return -ENOMEM;
-        tables[di][ti] = sector;
-        return 0;
-    }
-    if (!tables[di]) {
-        r = load_gt(name, f, s, di, &tables[di], dir[di]);
-        if (r < 0)
+        if ((r = reserve_table(name, s, &ts)) < 0) {
+            free(t);
+            return r;
+        }
+        free(tables[di]);
+        tables[di] = t;
+        dir[di] = ts;
+        s->pend[di] |= red ? VMDK_PEND_RGD : VMDK_PEND_GD;
+    } else if (!tables[di]) {
+        if ((r = load_gt(name, f, s, di, &tables[di], dir[di])) < 0)
             return r;
     }
-    r = vd_file_pwrite(f, e, 4, (uint64_t)dir[di] * VMDK_SECTOR + ti * 4);
-    if (r < 0)
-        return vd_err(r, "%s: cannot write the grain table entry of grain %llu", name,
-                      (unsigned long long)g);
     tables[di][ti] = sector;
+    s->pend[di] |= red ? VMDK_PEND_RGT : VMDK_PEND_GT;
+    s->any_pend = true;
     return 0;
 }
 
 int vd_vmdk_sparse_link(const char *name, struct vd_file *f, struct vmdk_sparse *s, uint64_t g, uint32_t sector)
 {
-    /* The redundant copy first: after a crash the primary is the one read,
-     * and it is never ahead of its backup. */
+    if (!s->pend && !(s->pend = calloc(s->gd_n ? s->gd_n : 1, 1)))
+        return -ENOMEM;
     if (s->rgd) {
-        int r = link_one(name, f, s, s->rgd, s->rgd_off, s->rgt, g, sector);
+        int r = link_one(name, f, s, true, g, sector);
         if (r < 0)
             return r;
     }
-    return link_one(name, f, s, s->gd, s->gd_off, s->gt, g, sector);
+    return link_one(name, f, s, false, g, sector);
+}
+
+/* Write the changed tables, then the new directory entries, each set with
+ * the redundant copy first (after a crash the primary is the one read, and
+ * it is never ahead of its backup). Syncs order it for a power loss: the
+ * grains a table points at, and the file's growth over them, are durable
+ * before the table is written (else a table could survive pointing past
+ * the end of the file); a new table is durable before a directory entry
+ * points at it. The caller's flush makes the rest durable. */
+int vd_vmdk_sparse_write_links(const char *name, struct vd_file *f, struct vmdk_sparse *s)
+{
+    if (!s->any_pend)
+        return 0;
+    int r = vd_file_sync(f);
+    if (r < 0)
+        return vd_err(r, "%s: sync before writing grain tables failed", name);
+    uint64_t bytes = (uint64_t)s->gtes * 4;
+    uint8_t *b = malloc(bytes);
+    if (!b)
+        return -ENOMEM;
+    bool dirs = false;
+    for (int red = 1; red >= 0; red--) {
+        uint8_t bit = red ? VMDK_PEND_RGT : VMDK_PEND_GT;
+        uint32_t *dir = red ? s->rgd : s->gd;
+        uint32_t **tables = red ? s->rgt : s->gt;
+        for (uint32_t di = 0; dir && di < s->gd_n; di++) {
+            dirs |= (s->pend[di] & (VMDK_PEND_GD | VMDK_PEND_RGD)) != 0;
+            if (!(s->pend[di] & bit))
+                continue;
+            for (uint32_t i = 0; i < s->gtes; i++)
+                put_le32(b + 4 * (uint64_t)i, tables[di][i]);
+            uint64_t at = (uint64_t)dir[di] * VMDK_SECTOR;
+            if ((r = vd_file_pwrite(f, b, bytes, at)) < 0) {
+                free(b);
+                return vd_err(r, "%s: cannot write grain table %u at sector %u", name, di, dir[di]);
+            }
+            if (at + bytes > s->fsize)
+                s->fsize = at + bytes;
+            s->pend[di] &= (uint8_t)~bit;
+        }
+    }
+    free(b);
+    if (dirs && (r = vd_file_sync(f)) < 0)
+        return vd_err(r, "%s: sync before writing grain directory entries failed", name);
+    for (int red = 1; dirs && red >= 0; red--) {
+        uint8_t bit = red ? VMDK_PEND_RGD : VMDK_PEND_GD;
+        uint32_t *dir = red ? s->rgd : s->gd;
+        uint64_t off = red ? s->rgd_off : s->gd_off;
+        for (uint32_t di = 0; dir && di < s->gd_n; di++) {
+            if (!(s->pend[di] & bit))
+                continue;
+            uint8_t d[4];
+            put_le32(d, dir[di]);
+            if ((r = vd_file_pwrite(f, d, 4, off * VMDK_SECTOR + (uint64_t)di * 4)) < 0)
+                return vd_err(r, "%s: cannot write grain directory entry %u", name, di);
+            s->pend[di] &= (uint8_t)~bit;
+        }
+    }
+    s->any_pend = false;
+    return 0;
 }
 
 int vd_vmdk_read_grain(const char *name, struct vd_file *f, uint64_t host_off, uint32_t comp_len,
