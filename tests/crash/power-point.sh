@@ -10,7 +10,8 @@
 # dirty lazy-refcount qcow2 image is repaired as an open would, and vdisk
 # check, qemu-img check and crashio verify run. Exit 0 when they all pass;
 # the image, journal and plfs log stay in build/crash-failures/point-* when not.
-# Example (sparse VMDK links a grain past the synced end of the file):
+# Example (before sparse VMDK wrote its tables at the flush, this point kept
+# a grain table entry past the end of the file):
 #   tests/crash/power-point.sh vmdk -k 2 -s 1
 source "$(dirname "$0")/../lib.sh"
 CRASHIO=$VDISK_BUILD/tests/helpers/crashio PLFS=$VDISK_BUILD/tests/helpers/plfs
