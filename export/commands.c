@@ -84,23 +84,25 @@ static int cmd_export_del(json_t *args, json_t **ret)
     return 0;
 }
 
-/* block-resize {"name": N, "size": BYTES}: any export's disk; the type
- * tells its users if it can (vhost-user-blk: a config change). New NBD
- * connections see the new size; those already open keep the old one. */
-static int cmd_block_resize(json_t *args, json_t **ret)
+/* Resize an export's disk: block-resize {"name": N, "size": BYTES} (type
+ * NULL: any export), and the same for vhost-user-blk-resize (its type
+ * only). The export's type tells its users if it can (vhost-user-blk: a
+ * config change). New NBD connections see the new size; those already
+ * open keep the old one. */
+int vd_export_resize_cmd(const char *cmd, const char *type, json_t *args)
 {
     const char *name = json_string_value(json_object_get(args, "name"));
     json_t *jsize = json_object_get(args, "size");
     if (!name || !json_is_integer(jsize) || json_integer_value(jsize) <= 0)
-        return vd_err(-EINVAL, "block-resize needs name and a positive size");
+        return vd_err(-EINVAL, "%s needs name and a positive size", cmd);
     uint64_t size = (uint64_t)json_integer_value(jsize);
     if (size % 512)
         return vd_err(-EINVAL, "size %llu is not a multiple of 512", (unsigned long long)size);
-    struct vd_export *e = vd_export_get(name, NULL);
+    struct vd_export *e = vd_export_get(name, type);
     if (!e || strcmp(e->name, name)) {
         if (e)
             vd_export_put(e);
-        return vd_err(-ENOENT, "no export named '%s'", name);
+        return vd_err(-ENOENT, "no %s%sexport named '%s'", type ? type : "", type ? " " : "", name);
     }
     int r = e->readonly ? vd_err(-EROFS, "export '%s' is read-only", name)
                         : vd_disk_resize(e->disk, size, VD_PREALLOC_OFF);
@@ -109,8 +111,13 @@ static int cmd_block_resize(json_t *args, json_t **ret)
     if (r == 0)
         vd_log(VD_LOG_INFO, "export '%s': resized to %llu bytes", name, (unsigned long long)size);
     vd_export_put(e);
-    *ret = NULL;
     return r;
+}
+
+static int cmd_block_resize(json_t *args, json_t **ret)
+{
+    *ret = NULL;
+    return vd_export_resize_cmd("block-resize", NULL, args);
 }
 
 static void add_info(struct vd_export *e, void *opaque)

@@ -89,6 +89,9 @@ void vd_export_del_all(void);
 struct vd_export *vd_export_get(const char *name, const char *type);
 void vd_export_ref(struct vd_export *e);
 void vd_export_put(struct vd_export *e);
+/* The resize control commands (block-resize, vhost-user-blk-resize):
+ * args {"name", "size"}; type NULL takes any export. 0 or -errno (vd_err). */
+int vd_export_resize_cmd(const char *cmd, const char *type, json_t *args);
 /* Call fn for every live export under the table lock (fn must not call
  * back into the table). */
 void vd_export_foreach(void (*fn)(struct vd_export *e, void *opaque), void *opaque);

@@ -98,6 +98,18 @@ check_fails "a is gone for new clients" nbdinfo --size "nbd+unix:///a?socket=$S"
 check "a's image is closed and unlocked: it can be added again" bash -o pipefail -c \
     "ctl export-add '{\"name\":\"a2\",\"file\":\"$T/a.raw\",\"format\":\"raw\"}' >/dev/null && cmp <(nbdcopy 'nbd+unix:///a2?socket=$S' - ) '$T/a.raw'"
 check "b still serves" bash -o pipefail -c "nbdcopy 'nbd+unix:///b?socket=$S' '$T/bout.raw' && cmp <(head -c 1M '$T/bout.raw') '$T/blob'"
+check "block-resize grows b; a new connection sees the new size" bash -o pipefail -c \
+    "ctl block-resize '{\"name\":\"b\",\"size\":50331648}' >/dev/null && [ \"\$(nbdinfo --size 'nbd+unix:///b?socket=$S')\" = 50331648 ]"
+check "block-resize: b's data is unchanged and the grown part reads zeros" bash -o pipefail -c \
+    "cmp <(nbdcopy 'nbd+unix:///b?socket=$S' - | head -c 1M) '$T/blob' && [ \"\$(nbdcopy 'nbd+unix:///b?socket=$S' - | tail -c 16M | tr -d '\\0' | wc -c)\" = 0 ]"
+check_fails "block-resize: missing size" ctl block-resize '{"name":"b"}'
+check_fails "block-resize: size not a number" ctl block-resize '{"name":"b","size":"48M"}'
+check_fails "block-resize: size not a multiple of 512" ctl block-resize '{"name":"b","size":1000}'
+check_fails "block-resize: unknown export" ctl block-resize '{"name":"nosuch","size":1048576}'
+check_fails "block-resize: read-only export" ctl block-resize '{"name":"c","size":1048576}'
+check_fails "vhost-user-blk-resize: not a vhost-user-blk export" ctl vhost-user-blk-resize '{"name":"b","size":1048576}'
+check "block-resize errors name the cause" bash -c \
+    "ctl block-resize '{\"name\":\"b\",\"size\":1000}' | grep -q 'not a multiple of 512'"
 check "events: EXPORT_ADDED and EXPORT_DELETED were broadcast" bash -o pipefail -c \
     "grep -q '\"event\":\"EXPORT_ADDED\".*\"name\":\"b\"' '$T/events.log' && grep -q '\"event\":\"EXPORT_DELETED\".*\"name\":\"a\"' '$T/events.log'"
 

@@ -92,25 +92,8 @@ static void vhost_stats(struct vd_export *e, json_t *out)
 
 static int cmd_resize(json_t *args, json_t **ret)
 {
-    const char *name = json_string_value(json_object_get(args, "name"));
-    json_t *jsize = json_object_get(args, "size");
-    if (!name || !json_is_integer(jsize) || json_integer_value(jsize) <= 0)
-        return vd_err(-EINVAL, "vhost-user-blk-resize needs name and a positive size");
-    uint64_t size = json_integer_value(jsize);
-    if (size % 512)
-        return vd_err(-EINVAL, "size %llu is not a multiple of 512", (unsigned long long)size);
-    struct vd_export *e = vd_export_get(name, "vhost-user-blk");
-    if (!e)
-        return vd_err(-ENOENT, "no vhost-user-blk export named '%s'", name);
-    int r = e->readonly ? vd_err(-EROFS, "export '%s' is read-only", name)
-                        : vd_disk_resize(e->disk, size, VD_PREALLOC_OFF);
-    if (r == 0 && e->priv)
-        r = vd_vhost_blk_resized(e->priv);
-    if (r == 0)
-        vd_log(VD_LOG_INFO, "export '%s': resized to %llu bytes", name, (unsigned long long)size);
-    vd_export_put(e);
     *ret = NULL;
-    return r;
+    return vd_export_resize_cmd("vhost-user-blk-resize", "vhost-user-blk", args);
 }
 
 static int vhost_resized(struct vd_export *e)
