@@ -6,6 +6,9 @@
  * dispatch state lives on the stack and freed watchers are reclaimed only
  * when the outermost dispatch ends. */
 #include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdlib.h>
@@ -68,6 +71,12 @@ struct vd_loop {
 
     /* Polling (see poll_wait): the current window and its bound, in ns. */
     uint64_t poll_ns, poll_max_ns;
+    bool events_recent;     /* the last wait returned fd events */
+    /* Whether the loop's thread shares its CPU (see cpu_shared). */
+    uint64_t shared_until;
+    int sched_fd;           /* /proc/thread-self/schedstat of sched_tid */
+    pid_t sched_tid;
+    uint64_t sched_at, sched_wait;
 
     /* Inline reads (see run_inline): reads of page-cached files waiting for
      * the next flush point, and the back-off after reads that missed. */
@@ -390,7 +399,7 @@ int vd_loop_new(enum vd_aio aio, struct vd_loop **out)
     int r;
     if (!l)
         return -ENOMEM;
-    l->post_fd = l->engine_fd = -1;
+    l->post_fd = l->engine_fd = l->sched_fd = -1;
     pthread_mutex_init(&l->post_lock, NULL);
     l->epfd = epoll_create1(EPOLL_CLOEXEC);
     if (l->epfd < 0) {
@@ -453,6 +462,8 @@ void vd_loop_free(struct vd_loop *l)
     }
     if (l->epfd >= 0)
         close(l->epfd);
+    if (l->sched_fd >= 0)
+        close(l->sched_fd);
     pthread_mutex_destroy(&l->post_lock);
     if (cur_loop == l)
         cur_loop = NULL;
@@ -581,7 +592,10 @@ static int run_inline(struct vd_loop *l)
  * without blocking for up to poll_ns first. The window adapts: when the
  * event came soon after polling gave up, it grows (up to poll_max_ns); when
  * the wait was longer than poll_max_ns, polling could not have caught it
- * and the window shrinks, to nothing for slow devices. Nothing in flight:
+ * and the window shrinks, to nothing for slow devices. The same holds for
+ * the next request of a client right after one came (with reads served
+ * inline, nothing is in flight meanwhile), as long as the loop's thread has
+ * its CPU to itself (cpu_shared). Nothing in flight and no recent event:
  * no polling, so an idle loop costs nothing. */
 
 #define POLL_START_NS 4000u
@@ -664,13 +678,55 @@ static int sleep_wait(struct vd_loop *l, struct epoll_event *ev, int nev, int ti
     return n;
 }
 
-/* epoll_wait, polling first when worth it. */
+/* Whether another runnable thread shares this thread's CPU (on a small
+ * machine, typically the NBD client). Polling would then only take that
+ * thread's time: the scheduler gives a thread that slept a lot, like this
+ * one, the CPU until its share is used up, while the client, whose
+ * request would end the poll, waits. The sign is this thread's own wait
+ * for a CPU (the run-queue delay in /proc/thread-self/schedstat) over a
+ * 10 ms sample: more than 5 % of the time means the CPU is shared, and
+ * polling stays off for the next 100 ms (a thread that sleeps waits less
+ * for its CPU, so a sample taken then would miss the sharing). */
+#define SHARED_SAMPLE_NS 10000000u
+#define SHARED_HOLD_NS 100000000u
+
+static bool cpu_shared(struct vd_loop *l, uint64_t now)
+{
+    if (now - l->sched_at < SHARED_SAMPLE_NS)
+        return now < l->shared_until;
+    pid_t tid = gettid();
+    if (l->sched_tid != tid) {
+        if (l->sched_fd >= 0)
+            close(l->sched_fd);
+        l->sched_fd = open("/proc/thread-self/schedstat", O_RDONLY | O_CLOEXEC);
+        l->sched_tid = tid;
+        l->sched_at = 0;
+    }
+    char buf[96];
+    uint64_t run, wait;
+    ssize_t n = l->sched_fd >= 0 ? pread(l->sched_fd, buf, sizeof buf - 1, 0) : -1;
+    if (n > 0) {
+        buf[n] = 0;
+        if (sscanf(buf, "%" SCNu64 " %" SCNu64, &run, &wait) == 2) {
+            if (l->sched_at && (wait - l->sched_wait) * 20 > now - l->sched_at)
+                l->shared_until = now + SHARED_HOLD_NS;
+            l->sched_wait = wait;
+        }
+    }
+    /* without schedstat the thread is taken to have a CPU of its own */
+    l->sched_at = now;
+    return now < l->shared_until;
+}
+
+/* epoll_wait, polling first when worth it (see above). */
 static int poll_wait(struct vd_loop *l, struct epoll_event *ev, int nev, int timeout_ms)
 {
-    bool busy = l->poll_max_ns && timeout_ms != 0 && l->eops->busy && l->eops->busy(l->engine);
-    if (!busy)
+    if (!l->poll_max_ns || timeout_ms == 0)
         return sleep_wait(l, ev, nev, timeout_ms);
     uint64_t t0 = now_ns(), t = t0;
+    bool busy = l->eops->busy && l->eops->busy(l->engine);
+    if (!busy && !(l->events_recent && !cpu_shared(l, t0)))
+        return sleep_wait(l, ev, nev, timeout_ms);
     uint64_t end = t0 + l->poll_ns;
     if (timeout_ms > 0 && end > t0 + (uint64_t)timeout_ms * 1000000u)
         end = t0 + (uint64_t)timeout_ms * 1000000u;
@@ -722,6 +778,7 @@ int vd_loop_run_once(struct vd_loop *l, int timeout_ms)
         return r;
     }
     l->depth++;
+    l->events_recent = n > 0;
     if (atomic_load_explicit(&l->nodes, memory_order_relaxed))
         done += run_nodes(l);
     for (int i = 0; i < n; i++) {
