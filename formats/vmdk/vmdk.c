@@ -527,9 +527,10 @@ static bool all_zero(const uint8_t *p, size_t len)
     return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
 }
 
-/* Append a compressed grain blob (marker included) for grain g of e. */
-static int stream_append_blob(struct vd_layer *l, struct vmdk_extent *e, uint64_t g,
-                              const uint8_t *blob, size_t blen)
+/* Every streamOptimized append of grain g of e starts here: the grain must
+ * still be unwritten (the format is append-only), and the stream must be
+ * open for appending. */
+static int stream_claim(struct vd_layer *l, struct vmdk_extent *e, uint64_t g)
 {
     struct vmdk_sparse *sp = e->sp;
     const char *en = e->path ? e->path : lname(l);
@@ -541,10 +542,17 @@ static int stream_append_blob(struct vd_layer *l, struct vmdk_extent *e, uint64_
         return vd_err(-EPERM, "%s: streamOptimized VMDK is append-only: grain at offset %llu is "
                       "already written (convert the image to change it)", lname(l),
                       (unsigned long long)((e->start + g * sp->grain) * VMDK_SECTOR));
-    r = vd_vmdk_stream_begin(en, e->file, sp);
+    return vd_vmdk_stream_begin(en, e->file, sp);
+}
+
+/* Append a compressed grain blob (marker included) for grain g of e. */
+static int stream_append_blob(struct vd_layer *l, struct vmdk_extent *e, uint64_t g,
+                              const uint8_t *blob, size_t blen)
+{
+    int r = stream_claim(l, e, g);
     if (r < 0)
         return r;
-    return vd_vmdk_stream_append(en, e->file, sp, g, blob, blen);
+    return vd_vmdk_stream_append(e->path ? e->path : lname(l), e->file, e->sp, g, blob, blen);
 }
 
 /* streamOptimized appends: compress, then link. */
@@ -553,15 +561,7 @@ static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, c
     struct vmdk_sparse *sp = e->sp;
     const char *en = e->path ? e->path : lname(l);
     uint64_t gb = sp->grain * VMDK_SECTOR;
-    uint32_t gte;
-    int r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
-    if (r < 0)
-        return r;
-    if (gte != 0)
-        return vd_err(-EPERM, "%s: streamOptimized VMDK is append-only: grain at offset %llu is "
-                      "already written (convert the image to change it)", lname(l),
-                      (unsigned long long)((e->start * VMDK_SECTOR) + g * gb));
-    r = vd_vmdk_stream_begin(en, e->file, sp);
+    int r = stream_claim(l, e, g);
     if (r < 0)
         return r;
     const uint8_t *p = buf;
@@ -580,16 +580,28 @@ static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, c
     return r;
 }
 
-static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *buf, size_t len)
+/* The writable streamOptimized extent that holds offset off: the target of
+ * both compressed write paths. */
+static int compressed_extent(struct vd_layer *l, uint64_t off, struct vmdk_extent **ep)
 {
-    struct vmdk *s = l->priv;
-    struct vmdk_extent *e = vd_vmdk_find_extent(s, off / VMDK_SECTOR);
+    struct vmdk_extent *e = vd_vmdk_find_extent(l->priv, off / VMDK_SECTOR);
     if (!e || !e->sp || !e->sp->compressed)
         return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
     if (e->access != VMDK_RW)
         return vd_err(-EPERM, "%s: offset %llu lies in a read-only extent", lname(l),
                       (unsigned long long)off);
-    int r = touch_cid(l, s);
+    *ep = e;
+    return 0;
+}
+
+static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *buf, size_t len)
+{
+    struct vmdk *s = l->priv;
+    struct vmdk_extent *e;
+    int r = compressed_extent(l, off, &e);
+    if (r < 0)
+        return r;
+    r = touch_cid(l, s);
     if (r < 0)
         return r;
     uint64_t gb = e->sp->grain * VMDK_SECTOR;
@@ -619,30 +631,20 @@ static int vmdk_compress(struct vd_layer *l, const void *in, size_t len, void *o
 static int vmdk_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *z, size_t zlen)
 {
     struct vmdk *s = l->priv;
-    struct vmdk_extent *e = vd_vmdk_find_extent(s, off / VMDK_SECTOR);
-    if (!e || !e->sp || !e->sp->compressed)
-        return vd_err(-ENOTSUP, "%s: only streamOptimized VMDK stores compressed grains", lname(l));
-    if (e->access != VMDK_RW)
-        return vd_err(-EPERM, "%s: offset %llu lies in a read-only extent", lname(l),
-                      (unsigned long long)off);
+    struct vmdk_extent *e;
+    int r = compressed_extent(l, off, &e);
+    if (r < 0)
+        return r;
     struct vmdk_sparse *sp = e->sp;
     const char *en = e->path ? e->path : lname(l);
     uint64_t gb = sp->grain * VMDK_SECTOR, rel = off - e->start * VMDK_SECTOR, g = rel / gb;
     if (rel % gb)
         return vd_err(-EINVAL, "%s: compressed write at %llu is not grain-aligned", lname(l),
                       (unsigned long long)off);
-    int r = touch_cid(l, s);
+    r = touch_cid(l, s);
     if (r < 0)
         return r;
-    uint32_t gte;
-    r = vd_vmdk_sparse_gte(en, e->file, sp, g, &gte);
-    if (r < 0)
-        return r;
-    if (gte != 0)
-        return vd_err(-EPERM, "%s: streamOptimized VMDK is append-only: grain at offset %llu is "
-                      "already written (convert the image to change it)", lname(l),
-                      (unsigned long long)off);
-    r = vd_vmdk_stream_begin(en, e->file, sp);
+    r = stream_claim(l, e, g);
     if (r < 0)
         return r;
     uint8_t *blob;
