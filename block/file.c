@@ -35,6 +35,22 @@ void *vd_alloc_aligned(size_t len)
     return p;
 }
 
+bool vd_buf_is_zero(const void *buf, size_t n)
+{
+    /* memcmp of the buffer against itself shifted by 16 bytes is vectorised
+     * by libc: zero iff the first 16 bytes are and every byte equals the
+     * one 16 before it. */
+    const uint8_t *p = buf;
+    if (n < 16) {
+        for (size_t i = 0; i < n; i++)
+            if (p[i])
+                return false;
+        return true;
+    }
+    static const uint8_t z[16];
+    return !memcmp(p, z, 16) && !memcmp(p, p + 16, n - 16);
+}
+
 /* The backend that serves name: the first registered one that claims it,
  * else the posix backend. */
 static const struct vd_proto *proto_for(const char *name)

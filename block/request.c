@@ -189,14 +189,6 @@ static void buf_copy_in(const struct vd_req *r, size_t pos, size_t len, const vo
     }
 }
 
-static bool all_zero(const void *p, size_t len)
-{
-    const unsigned char *c = p;
-    if (len == 0)
-        return true;
-    return c[0] == 0 && memcmp(c, c + 1, len - 1) == 0;
-}
-
 /* ---- host I/O ---- */
 
 static void subio_free(struct subio *s)
@@ -478,8 +470,8 @@ static int alloc_write(struct vd_req *r, struct vd_layer *l, const struct vd_all
         s->io.iov = s->inl;
         s->io.iovcnt = 1;
         /* A fresh place already reads as zeros: skip writing zero fill. */
-        if (ret == 0 && a->fresh && all_zero(b, (size_t)head) &&
-            all_zero(b + head + a->len, (size_t)tail)) {
+        if (ret == 0 && a->fresh && vd_buf_is_zero(b, (size_t)head) &&
+            vd_buf_is_zero(b + head + a->len, (size_t)tail)) {
             s->inl[0].iov_base = b + head;
             s->inl[0].iov_len = (size_t)a->len;
             s->io.off = a->host_off + head;

@@ -519,18 +519,6 @@ static void reply_ok(struct conn *c, struct nreq *q)
     q->olen = 16;
 }
 
-static bool all_zero(const uint8_t *p, size_t n)
-{
-    if (n < 16) {
-        for (size_t i = 0; i < n; i++)
-            if (p[i])
-                return false;
-        return true;
-    }
-    static const uint8_t z[16];
-    return !memcmp(p, z, 16) && !memcmp(p, p + 16, n - 16);
-}
-
 #define HOLE_UNIT 4096u
 
 /* READ with structured replies: data chunks, and hole chunks for runs of
@@ -541,7 +529,7 @@ static int reply_read_structured(struct conn *c, struct nreq *q)
     uint64_t cookie = q->h.cookie, off = q->h.off;
     if (len == 0 || (q->h.flags & NBD_CMD_FLAG_DF) || len <= HOLE_UNIT) {
         q->oiov = q->small_iov;
-        if (len && all_zero(q->buf, len)) {
+        if (len && vd_buf_is_zero(q->buf, len)) {
             hdr_chunk(q->small, NBD_REPLY_FLAG_DONE, NBD_REPLY_TYPE_OFFSET_HOLE, cookie, 12);
             vd_be64(q->small + 20, off);
             vd_be32(q->small + 28, len);
@@ -581,11 +569,11 @@ static int reply_read_structured(struct conn *c, struct nreq *q)
     uint32_t pos = 0;
     while (pos < len) {
         uint32_t b = len - pos < HOLE_UNIT ? len - pos : HOLE_UNIT;
-        bool zero = all_zero(q->buf + pos, b);
+        bool zero = vd_buf_is_zero(q->buf + pos, b);
         uint32_t end = pos + b;
         while (end < len) {
             uint32_t nb = len - end < HOLE_UNIT ? len - end : HOLE_UNIT;
-            if (all_zero(q->buf + end, nb) != zero)
+            if (vd_buf_is_zero(q->buf + end, nb) != zero)
                 break;
             end += nb;
         }

@@ -522,11 +522,6 @@ static int vmdk_read_compressed(struct vd_layer *l, const struct vd_map *m, void
     return r;
 }
 
-static bool all_zero(const uint8_t *p, size_t len)
-{
-    return len == 0 || (p[0] == 0 && memcmp(p, p + 1, len - 1) == 0);
-}
-
 /* Every streamOptimized append of grain g of e starts here: the grain must
  * still be unwritten (the format is append-only), and the stream must be
  * open for appending. */
@@ -564,11 +559,7 @@ static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, c
     int r = stream_claim(l, e, g);
     if (r < 0)
         return r;
-    const uint8_t *p = buf;
-    size_t i = 0;
-    while (i < len && !p[i])
-        i++;
-    if (i == len)
+    if (vd_buf_is_zero(buf, len))
         return 0;    /* an all-zero grain stays unallocated */
     uint8_t *blob;
     size_t blen;
@@ -768,7 +759,7 @@ static int vmdk_commit(struct vd_layer *l, struct vd_alloc *a, int err)
             r = buf ? vd_file_pread(sc->f, buf, a->fill_len, a->host_off) : -ENOMEM;
         }
         sc->used[a->priv[3]] = 0;
-        if (r >= 0 && !all_zero(buf, a->fill_len)) {
+        if (r >= 0 && !vd_buf_is_zero(buf, a->fill_len)) {
             /* Compress with the layer lock dropped, so that the grains of
              * concurrent writes compress in parallel: the buffer is ours,
              * and the core keeps other writes out of this grain until

@@ -124,4 +124,7 @@ void vd_proto_register(const struct vd_proto *p);
 /* Aligned allocation usable for direct I/O on any file (4 KiB aligned). */
 void *vd_alloc_aligned(size_t len);
 
+/* Whether the len bytes at p are all zero (true for len 0). */
+bool vd_buf_is_zero(const void *p, size_t len);
+
 #endif

@@ -139,21 +139,6 @@ static void set_error(struct conv *cv, int err, const char *fmt, ...)
     pthread_mutex_unlock(&cv->lock);
 }
 
-static bool is_zero(const uint8_t *p, size_t n)
-{
-    /* memcmp of the buffer against itself shifted by 16 bytes is vectorised
-     * by libc: zero iff the first 16 bytes are and every byte equals the
-     * one 16 before it. */
-    if (n < 16) {
-        for (size_t i = 0; i < n; i++)
-            if (p[i])
-                return false;
-        return true;
-    }
-    static const uint8_t z[16];
-    return !memcmp(p, z, 16) && !memcmp(p, p + 16, n - 16);
-}
-
 /* ---- handing out chunks ---- */
 
 static int source_status(struct conv *cv, int si, uint64_t soff, uint64_t len)
@@ -580,7 +565,7 @@ static int plan_compressed(struct chunk *ch)
     ch->ncj = 0;
     for (uint64_t o = 0; o < ch->len; o += cv->cluster) {
         size_t n = ch->len - o < cv->cluster ? (size_t)(ch->len - o) : cv->cluster;
-        if (cv->target_zero && is_zero(ch->buf + o, n))
+        if (cv->target_zero && vd_buf_is_zero(ch->buf + o, n))
             continue;
         if (ch->ncj == ch->cjcap) {
             int cap = ch->cjcap ? ch->cjcap * 2 : 8;
@@ -616,7 +601,7 @@ static int plan_data(struct chunk *ch)
         uint64_t next = ((ch->off + pos) / g + 1) * g - ch->off;
         if (next > end)
             next = end;
-        int k = is_zero(ch->buf + pos, (size_t)(next - pos)) ? 0 : 1;
+        int k = vd_buf_is_zero(ch->buf + pos, (size_t)(next - pos)) ? 0 : 1;
         if (k == 0 && next - pos < g && run_kind == 1)
             k = 1;              /* a short zero tail: not worth a separate request */
         if (k != run_kind) {
