@@ -434,22 +434,18 @@ static int run_sync(struct vd_file *f, enum sop op, void *buf, uint64_t len, uin
     return w.err ? -w.err : 0;
 }
 
-static int nbd_pread_(struct vd_file *f, void *buf, size_t len, uint64_t off)
+/* A READ or WRITE of len bytes inside the export, as requests of at most
+ * the server's maximum size, one after the other; the first failure ends it. */
+static int run_chunked(struct vd_file *f, enum sop op, char *p, size_t len, uint64_t off)
 {
     struct nbdf *n = f->priv;
-    char *p = buf;
     while (len > 0) {
-        if (off >= n->size) {
-            memset(p, 0, len);      /* past the end of the export */
-            break;
-        }
         size_t chunk = len < n->max_req ? len : (size_t)n->max_req;
-        if (chunk > n->size - off)
-            chunk = (size_t)(n->size - off);
-        int r = run_sync(f, S_READ, p, chunk, off, 0, (nbd_extent_callback){ 0 });
+        int r = run_sync(f, op, p, chunk, off, 0, (nbd_extent_callback){ 0 });
         if (r < 0)
-            return vd_err(r, "%s: read of %zu bytes at offset %llu failed: %s", f->name,
-                          chunk, (unsigned long long)off, strerror(-r));
+            return vd_err(r, "%s: %s of %zu bytes at offset %llu failed: %s", f->name,
+                          op == S_READ ? "read" : "write", chunk, (unsigned long long)off,
+                          strerror(-r));
         p += chunk;
         off += chunk;
         len -= chunk;
@@ -457,25 +453,26 @@ static int nbd_pread_(struct vd_file *f, void *buf, size_t len, uint64_t off)
     return 0;
 }
 
+static int nbd_pread_(struct vd_file *f, void *buf, size_t len, uint64_t off)
+{
+    struct nbdf *n = f->priv;
+    size_t in = off >= n->size ? 0 : len < n->size - off ? len : (size_t)(n->size - off);
+    int r = run_chunked(f, S_READ, buf, in, off);
+    if (r < 0)
+        return r;
+    if (in < len)
+        memset((char *)buf + in, 0, len - in);      /* past the end of the export */
+    return 0;
+}
+
 static int nbd_pwrite_(struct vd_file *f, const void *buf, size_t len, uint64_t off)
 {
     struct nbdf *n = f->priv;
-    const char *p = buf;
     if (off > n->size || len > n->size - off)
         return vd_err(-ENOSPC, "%s: write of %zu bytes at offset %llu is past the end of the "
                       "export (%llu bytes)", f->name, len, (unsigned long long)off,
                       (unsigned long long)n->size);
-    while (len > 0) {
-        size_t chunk = len < n->max_req ? len : (size_t)n->max_req;
-        int r = run_sync(f, S_WRITE, (void *)p, chunk, off, 0, (nbd_extent_callback){ 0 });
-        if (r < 0)
-            return vd_err(r, "%s: write of %zu bytes at offset %llu failed: %s", f->name,
-                          chunk, (unsigned long long)off, strerror(-r));
-        p += chunk;
-        off += chunk;
-        len -= chunk;
-    }
-    return 0;
+    return run_chunked(f, S_WRITE, (char *)buf, len, off);
 }
 
 static int nbd_sync_(struct vd_file *f)
