@@ -143,10 +143,13 @@ static int iov_slice(const struct vd_req *r, size_t pos, size_t len,
     return n;
 }
 
-static void buf_op(const struct vd_req *r, size_t pos, size_t len, void *copy_out, bool zero)
+/* Bytes [pos, pos + len) of r's buffer: copied out to out, copied in from
+ * in, or zeroed when both are NULL. */
+static void buf_op(const struct vd_req *r, size_t pos, size_t len, void *out, const void *in)
 {
     int i = 0;
-    char *dst = copy_out;
+    char *dst = out;
+    const char *src = in;
     while (i < r->iovcnt && pos >= r->iov[i].iov_len) {
         pos -= r->iov[i].iov_len;
         i++;
@@ -156,38 +159,23 @@ static void buf_op(const struct vd_req *r, size_t pos, size_t len, void *copy_ou
         if (take > len)
             take = len;
         char *p = (char *)r->iov[i].iov_base + pos;
-        if (zero)
-            memset(p, 0, take);
-        else {
+        if (dst) {
             memcpy(dst, p, take);
             dst += take;
+        } else if (src) {
+            memcpy(p, src, take);
+            src += take;
+        } else {
+            memset(p, 0, take);
         }
         len -= take;
         pos = 0;
     }
 }
 
-static void buf_zero(const struct vd_req *r, size_t pos, size_t len) { buf_op(r, pos, len, NULL, true); }
-static void buf_copy_out(const struct vd_req *r, size_t pos, size_t len, void *dst) { buf_op(r, pos, len, dst, false); }
-
-static void buf_copy_in(const struct vd_req *r, size_t pos, size_t len, const void *src)
-{
-    int i = 0;
-    const char *s = src;
-    while (i < r->iovcnt && pos >= r->iov[i].iov_len) {
-        pos -= r->iov[i].iov_len;
-        i++;
-    }
-    for (; i < r->iovcnt && len; i++) {
-        size_t take = r->iov[i].iov_len - pos;
-        if (take > len)
-            take = len;
-        memcpy((char *)r->iov[i].iov_base + pos, s, take);
-        s += take;
-        len -= take;
-        pos = 0;
-    }
-}
+static void buf_zero(const struct vd_req *r, size_t pos, size_t len) { buf_op(r, pos, len, NULL, NULL); }
+static void buf_copy_out(const struct vd_req *r, size_t pos, size_t len, void *dst) { buf_op(r, pos, len, dst, NULL); }
+static void buf_copy_in(const struct vd_req *r, size_t pos, size_t len, const void *src) { buf_op(r, pos, len, NULL, src); }
 
 /* ---- host I/O ---- */
 
