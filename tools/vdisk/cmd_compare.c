@@ -66,6 +66,16 @@ static int64_t first_nonzero(const uint8_t *a, size_t len)
     return -1;
 }
 
+/* The images differ at byte off: end the progress line, say where (unless
+ * -q) and give compare's exit status for "different". */
+static int content_mismatch(struct vd_cli_progress *pr, bool quiet, uint64_t off)
+{
+    vd_cli_progress_end(pr);
+    if (!quiet)
+        printf("Content mismatch at offset %" PRIu64 "!\n", off);
+    return 1;
+}
+
 #define STATUS_MASK (VD_EXT_ALLOCATED | VD_EXT_ZERO | VD_EXT_DATA)
 
 static int run(int argc, char **argv)
@@ -169,10 +179,7 @@ static int run(int argc, char **argv)
             diff = first_diff(ba, bb, chunk);
         }
         if (diff >= 0) {
-            vd_cli_progress_end(&pr);
-            if (!quiet)
-                printf("Content mismatch at offset %" PRIu64 "!\n", off + (uint64_t)diff);
-            rc = 1;
+            rc = content_mismatch(&pr, quiet, off + (uint64_t)diff);
             goto out;
         }
         off += chunk;
@@ -193,10 +200,7 @@ static int run(int argc, char **argv)
                 goto out;
             int64_t nz = first_nonzero(ba, chunk);
             if (nz >= 0) {
-                vd_cli_progress_end(&pr);
-                if (!quiet)
-                    printf("Content mismatch at offset %" PRIu64 "!\n", off + (uint64_t)nz);
-                rc = 1;
+                rc = content_mismatch(&pr, quiet, off + (uint64_t)nz);
                 goto out;
             }
         }
