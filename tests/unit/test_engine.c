@@ -21,6 +21,7 @@
 #include "vdisk/engine.h"
 #include "vdisk/loop.h"
 #include "block/engine_int.h"
+#include "loop_req.h"
 
 #define NIO 600
 #define BS 4096
@@ -33,29 +34,6 @@ struct ctx {
     struct vd_file file;
     struct vd_loop *loop;
 };
-
-struct req {
-    struct vd_io io;
-    struct iovec iov[4];
-    int res;
-    bool done;
-    int *pending;
-};
-
-static void req_done(struct vd_io *io, int res)
-{
-    struct req *r = (struct req *)io;
-    r->res = res;
-    r->done = true;
-    (*r->pending)--;
-}
-
-static void run_until(struct vd_loop *l, int *pending)
-{
-    for (int i = 0; *pending > 0 && i < 100000; i++)
-        assert_true(vd_loop_run_once(l, 1000) >= 0);
-    assert_int_equal(*pending, 0);
-}
 
 static void *abuf(size_t len, int fill)
 {

@@ -23,6 +23,7 @@
 #include <unistd.h>
 #include "vdisk/engine.h"
 #include "vdisk/loop.h"
+#include "loop_req.h"
 
 #define FILE_SIZE (8u * 1024 * 1024 + 100)   /* not a multiple of the page size */
 #define BS 4096u
@@ -34,29 +35,6 @@ struct ctx {
     struct vd_file file;
     struct vd_loop *loop;
 };
-
-struct req {
-    struct vd_io io;
-    struct iovec iov[2];
-    int res;
-    bool done;
-    int *pending;
-};
-
-static void req_done(struct vd_io *io, int res)
-{
-    struct req *r = (struct req *)io;
-    r->res = res;
-    r->done = true;
-    (*r->pending)--;
-}
-
-static void run_until(struct vd_loop *l, int *pending)
-{
-    for (int i = 0; *pending > 0 && i < 100000; i++)
-        assert_true(vd_loop_run_once(l, 1000) >= 0);
-    assert_int_equal(*pending, 0);
-}
 
 static void drop_cache(struct ctx *c, off_t off, off_t len)
 {
