@@ -19,6 +19,7 @@
 #include "vdisk/block.h"
 #include "vdisk/error.h"
 #include "vdisk/loop.h"
+#include "nbdkit.h"
 
 #define MiB (1ull << 20)
 #define SIZE (32 * MiB)
@@ -151,31 +152,12 @@ static void local_inline(void **s)
     assert_int_equal(vd_disk_close(d), 0);
 }
 
-static pid_t start_nbdkit(const char *sock, const char *file)
-{
-    char pidfile[160], arg[160];
-    snprintf(pidfile, sizeof(pidfile), "%s.pid", sock);
-    snprintf(arg, sizeof(arg), "file=%s", file);
-    pid_t child = fork();
-    if (child == 0) {
-        execlp("nbdkit", "nbdkit", "-U", sock, "-P", pidfile, "-f", "--exit-with-parent",
-               "file", arg, (char *)NULL);
-        _exit(127);
-    }
-    for (int i = 0; i < 500; i++) {
-        struct stat st;
-        if (stat(pidfile, &st) == 0 && st.st_size > 0)
-            return child;
-        usleep(10000);
-    }
-    return -1;
-}
-
 static void remote_later(void **s)
 {
-    char sock[128];
+    char sock[128], arg[160];
     snprintf(sock, sizeof(sock), "%s/s.sock", dir);
-    server = start_nbdkit(sock, img);
+    snprintf(arg, sizeof(arg), "file=%s", img);
+    server = start_nbdkit(sock, "file", arg, (char *)NULL);
     assert_true(server > 0);
     snprintf(uri, sizeof(uri), "nbd+unix:///?socket=%s", sock);
     struct vd_disk *d;

@@ -23,36 +23,13 @@
 #include "vdisk/error.h"
 #include "vdisk/file.h"
 #include "vdisk/loop.h"
+#include "nbdkit.h"
 
 #define SIZE (64u << 20)
 
 static char dir[64];
 static char uri[256], ro_uri[256];
 static pid_t servers[2];
-
-static pid_t start_nbdkit(const char *sock, bool ro)
-{
-    char pidfile[128];
-    snprintf(pidfile, sizeof(pidfile), "%s.pid", sock);
-    pid_t child = fork();
-    if (child == 0) {
-        if (ro)
-            execlp("nbdkit", "nbdkit", "-U", sock, "-P", pidfile, "-f", "-r",
-                   "--exit-with-parent", "memory", "64M", (char *)NULL);
-        else
-            execlp("nbdkit", "nbdkit", "-U", sock, "-P", pidfile, "-f",
-                   "--exit-with-parent", "memory", "64M", (char *)NULL);
-        _exit(127);
-    }
-    /* ready once the pid file exists */
-    for (int i = 0; i < 500; i++) {
-        struct stat st;
-        if (stat(pidfile, &st) == 0 && st.st_size > 0)
-            return child;
-        usleep(10000);
-    }
-    return -1;
-}
 
 static int setup(void **s)
 {
@@ -61,10 +38,10 @@ static int setup(void **s)
         return -1;
     char sock[128];
     snprintf(sock, sizeof(sock), "%s/rw.sock", dir);
-    servers[0] = start_nbdkit(sock, false);
+    servers[0] = start_nbdkit(sock, "memory", "64M", (char *)NULL);
     snprintf(uri, sizeof(uri), "nbd+unix:///?socket=%s", sock);
     snprintf(sock, sizeof(sock), "%s/ro.sock", dir);
-    servers[1] = start_nbdkit(sock, true);
+    servers[1] = start_nbdkit(sock, "-r", "memory", "64M", (char *)NULL);
     snprintf(ro_uri, sizeof(ro_uri), "nbd+unix:///?socket=%s", sock);
     return servers[0] > 0 && servers[1] > 0 ? 0 : -1;
 }
@@ -294,7 +271,7 @@ static void server_gone(void **s)
 {
     char sock[128], u[256];
     snprintf(sock, sizeof(sock), "%s/gone.sock", dir);
-    pid_t pid = start_nbdkit(sock, false);
+    pid_t pid = start_nbdkit(sock, "memory", "64M", (char *)NULL);
     assert_true(pid > 0);
     snprintf(u, sizeof(u), "nbd+unix:///?socket=%s", sock);
     struct vd_file *f;
