@@ -571,9 +571,11 @@ static int stream_write(struct vd_layer *l, struct vmdk_extent *e, uint64_t g, c
     return r;
 }
 
-/* The writable streamOptimized extent that holds offset off: the target of
- * both compressed write paths. */
-static int compressed_extent(struct vd_layer *l, uint64_t off, struct vmdk_extent **ep)
+/* The target of both compressed write paths: the grain g at offset off
+ * (grain-aligned) of a writable streamOptimized extent e. The request is
+ * checked before the CID is touched, so a refused one leaves the image
+ * as it was. */
+static int compressed_target(struct vd_layer *l, uint64_t off, struct vmdk_extent **ep, uint64_t *g)
 {
     struct vmdk_extent *e = vd_vmdk_find_extent(l->priv, off / VMDK_SECTOR);
     if (!e || !e->sp || !e->sp->compressed)
@@ -581,26 +583,21 @@ static int compressed_extent(struct vd_layer *l, uint64_t off, struct vmdk_exten
     if (e->access != VMDK_RW)
         return vd_err(-EPERM, "%s: offset %llu lies in a read-only extent", lname(l),
                       (unsigned long long)off);
+    uint64_t gb = e->sp->grain * VMDK_SECTOR, rel = off - e->start * VMDK_SECTOR;
+    if (rel % gb)
+        return vd_err(-EINVAL, "%s: compressed write at %llu is not grain-aligned", lname(l),
+                      (unsigned long long)off);
     *ep = e;
-    return 0;
+    *g = rel / gb;
+    return touch_cid(l, l->priv);
 }
 
 static int vmdk_write_compressed(struct vd_layer *l, uint64_t off, const void *buf, size_t len)
 {
-    struct vmdk *s = l->priv;
     struct vmdk_extent *e;
-    int r = compressed_extent(l, off, &e);
-    if (r < 0)
-        return r;
-    r = touch_cid(l, s);
-    if (r < 0)
-        return r;
-    uint64_t gb = e->sp->grain * VMDK_SECTOR;
-    uint64_t rel = off - e->start * VMDK_SECTOR;
-    if (rel % gb)
-        return vd_err(-EINVAL, "%s: compressed write at %llu is not grain-aligned", lname(l),
-                      (unsigned long long)off);
-    return stream_write(l, e, rel / gb, buf, len);
+    uint64_t g;
+    int r = compressed_target(l, off, &e, &g);
+    return r < 0 ? r : stream_write(l, e, g, buf, len);
 }
 
 static struct vmdk_scratch *scratch_of(struct vmdk *s);
@@ -621,20 +618,13 @@ static int vmdk_compress(struct vd_layer *l, const void *in, size_t len, void *o
 
 static int vmdk_write_compressed_raw(struct vd_layer *l, uint64_t off, const void *z, size_t zlen)
 {
-    struct vmdk *s = l->priv;
     struct vmdk_extent *e;
-    int r = compressed_extent(l, off, &e);
+    uint64_t g;
+    int r = compressed_target(l, off, &e, &g);
     if (r < 0)
         return r;
     struct vmdk_sparse *sp = e->sp;
     const char *en = e->path ? e->path : lname(l);
-    uint64_t gb = sp->grain * VMDK_SECTOR, rel = off - e->start * VMDK_SECTOR, g = rel / gb;
-    if (rel % gb)
-        return vd_err(-EINVAL, "%s: compressed write at %llu is not grain-aligned", lname(l),
-                      (unsigned long long)off);
-    r = touch_cid(l, s);
-    if (r < 0)
-        return r;
     r = stream_claim(l, e, g);
     if (r < 0)
         return r;
