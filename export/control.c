@@ -6,7 +6,8 @@
  * dead) run one at a time on the server's command thread instead, so the
  * loop goes on serving; the client that sent one waits for its reply
  * before its next request is read. A client's input line and its unsent
- * output are bounded; one that exceeds them is dropped. */
+ * output are bounded; one that exceeds them is dropped. Closing answers
+ * every request still pending, run or not (docs/control.md, Shutdown). */
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
