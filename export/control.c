@@ -6,9 +6,11 @@
  * dead) run one at a time on the server's command thread instead, so the
  * loop goes on serving; the client that sent one waits for its reply
  * before its next request is read. A client's input line and its unsent
- * output are bounded; one that exceeds them is dropped. */
+ * output are bounded; one that exceeds them is dropped. Closing answers
+ * every request still pending, run or not (docs/control.md, Shutdown). */
 #include <errno.h>
 #include <fcntl.h>
+#include <poll.h>
 #include <pthread.h>
 #include <stdlib.h>
 #include <string.h>
@@ -17,6 +19,7 @@
 #include <sys/stat.h>
 #include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 #include "vdisk/control.h"
 #include "vdisk/error.h"
@@ -75,6 +78,7 @@ struct vd_control {
     /* the command thread: todo → run → done, under jlock */
     pthread_t thread;
     bool thread_started, stopping;
+    bool closing;               /* vd_control_close has begun (loop thread only) */
     pthread_mutex_t jlock;
     pthread_cond_t jcond;
     struct job *todo, **todo_tail;
@@ -137,6 +141,21 @@ static const char *err_class(int r)
     case -EAGAIN: return "Locked";
     default: return "GenericError";
     }
+}
+
+/* The answer to a request that will not run because the server is closing:
+ * an error naming the command, with the request's id. */
+static json_t *shutdown_reply(json_t *req)
+{
+    json_t *exe = json_object_get(req, "execute");
+    char msg[300];
+    snprintf(msg, sizeof msg, "vdiskd is shutting down: %.200s was not run",
+             json_is_string(exe) ? json_string_value(exe) : "the command");
+    json_t *reply = error_reply("GenericError", msg);
+    json_t *id = json_object_get(req, "id");
+    if (reply && id)
+        json_object_set(reply, "id", id);
+    return reply;
 }
 
 json_t *vd_control_execute(json_t *req)
@@ -266,6 +285,10 @@ static void handle_line(struct client *cl, char *line, size_t len)
         char msg[300];
         snprintf(msg, sizeof msg, "JSON parse error: %s", jerr.text);
         reply = error_reply("InvalidRequest", msg);
+    } else if (cl->srv->closing && json_is_object(req) &&
+               json_is_string(json_object_get(req, "execute"))) {
+        reply = shutdown_reply(req);    /* nothing new runs once closing */
+        json_decref(req);
     } else {
         json_t *exe = json_object_get(req, "execute");
         bool blocking = false;
@@ -379,8 +402,11 @@ static int job_queue(struct client *cl, json_t *req)
 }
 
 /* Blocking commands, one at a time, in the order they came; each reply goes
- * back to the loop (deliver). Queued commands not started when the server
- * closes are dropped (the daemon's shutdown removes every export anyway). */
+ * back to the loop (deliver). When the server closes (vd_control_close), the
+ * thread starts nothing more: the commands still queued are answered there
+ * with a shutdown error at once, without running (the daemon's shutdown
+ * removes every export anyway), and the one under way finishes and its
+ * reply is sent before the clients are closed. */
 static void *cmd_thread(void *opaque)
 {
     struct vd_control *s = opaque;
@@ -415,6 +441,8 @@ static void *cmd_thread(void *opaque)
     return NULL;
 }
 
+static void broadcast_text(struct vd_control *s, const char *text);
+
 static void job_free(struct job *j)
 {
     while (j->evs) {
@@ -428,19 +456,10 @@ static void job_free(struct job *j)
     free(j);
 }
 
-/* On the loop: send the replies that are ready, and let their clients go on. */
-static void deliver(void *opaque)
+/* Send the replies of the jobs listed from j (each has one, or is out of
+ * memory), their events after them, and free the jobs. */
+static void deliver_jobs(struct vd_control *s, struct job *j)
 {
-    pthread_mutex_lock(&srv_lock);
-    struct vd_control *s = the_server;  /* NULL once closed: close freed the jobs */
-    pthread_mutex_unlock(&srv_lock);
-    if (!s)
-        return;
-    pthread_mutex_lock(&s->jlock);
-    struct job *j = s->done;
-    s->done = NULL;
-    s->done_tail = &s->done;
-    pthread_mutex_unlock(&s->jlock);
     while (j) {
         struct job *next = j->next;
         struct client *cl = s->clients;
@@ -461,15 +480,32 @@ static void deliver(void *opaque)
             if (r < 0 || client_flush(cl) < 0)
                 client_free(cl);
         }
-        while (j->evs) {            /* as a command on the loop: reply, then events */
-            struct ev_job *e = j->evs;
-            j->evs = e->next;
-            e->srv = s;
-            broadcast(e);
-        }
+        /* as a command on the loop: reply, then events */
+        for (struct ev_job *e = j->evs; e; e = e->next)
+            broadcast_text(s, e->text);
         job_free(j);
         j = next;
     }
+}
+
+static struct job *take_done(struct vd_control *s)
+{
+    pthread_mutex_lock(&s->jlock);
+    struct job *j = s->done;
+    s->done = NULL;
+    s->done_tail = &s->done;
+    pthread_mutex_unlock(&s->jlock);
+    return j;
+}
+
+/* On the loop: send the replies that are ready, and let their clients go on. */
+static void deliver(void *opaque)
+{
+    pthread_mutex_lock(&srv_lock);
+    struct vd_control *s = the_server;  /* NULL once closed: close sent them */
+    pthread_mutex_unlock(&srv_lock);
+    if (s)
+        deliver_jobs(s, take_done(s));
 }
 
 static void accept_event(struct vd_loop *loop, int fd, uint32_t events, void *opaque)
@@ -566,6 +602,33 @@ int vd_control_open(struct vd_loop *loop, const char *path, int fd, struct vd_co
     return 0;
 }
 
+/* Closing: give the clients up to a second in all to take what they were
+ * sent (a client that does not read must not hold up the shutdown). */
+static void flush_before_close(struct vd_control *s)
+{
+    struct timespec end, now;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += 1;
+    for (struct client *cl = s->clients; cl; cl = cl->next) {
+        while (cl->out_len) {
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long ms = (end.tv_sec - now.tv_sec) * 1000 + (end.tv_nsec - now.tv_nsec) / 1000000;
+            if (ms <= 0)
+                return;
+            struct pollfd p = { .fd = cl->fd, .events = POLLOUT };
+            int n = poll(&p, 1, (int)ms);
+            if (n < 0 && errno != EINTR)
+                break;
+            if (n > 0 && client_flush(cl) < 0)
+                break;              /* gone */
+        }
+    }
+}
+
+/* Every request gets exactly one reply, shutdown or not: the commands still
+ * queued are answered with an error (not run), the one under way finishes
+ * and is answered, and what the clients sent meanwhile, or send until the
+ * socket closes, is answered with an error too. */
 void vd_control_close(struct vd_control *s)
 {
     if (!s)
@@ -574,28 +637,40 @@ void vd_control_close(struct vd_control *s)
     if (the_server == s)
         the_server = NULL;
     pthread_mutex_unlock(&srv_lock);
+    s->closing = true;              /* handle_line runs nothing more */
+    pthread_mutex_lock(&s->jlock);
+    s->stopping = true;
+    struct job *todo = s->todo;
+    s->todo = NULL;
+    s->todo_tail = &s->todo;
+    pthread_cond_signal(&s->jcond);
+    pthread_mutex_unlock(&s->jlock);
+    /* The queued commands' clients are answered now, not after the one
+     * under way (which may wait long for its disk). */
+    for (struct job *j = todo; j; j = j->next) {
+        json_t *e = shutdown_reply(j->req);
+        j->reply = e ? json_dumps(e, JSON_COMPACT) : NULL;
+        json_decref(e);
+    }
+    deliver_jobs(s, todo);
     if (s->thread_started) {
-        /* a command under way finishes first (an export-del its flush) */
-        pthread_mutex_lock(&s->jlock);
-        s->stopping = true;
-        pthread_cond_signal(&s->jcond);
-        pthread_mutex_unlock(&s->jlock);
+        /* a command under way finishes first (an export-del its flush), as
+         * the daemon's removal of every export would wait for it anyway */
         pthread_join(s->thread, NULL);
     }
-    for (struct job *j = s->todo, *next; j; j = next) {
-        next = j->next;
-        job_free(j);
+    deliver_jobs(s, take_done(s));
+    /* Clients that connected meanwhile, and the requests still in the
+     * sockets: answered (with errors) before the sockets close. */
+    accept_event(s->loop, s->lfd, EPOLLIN, s);
+    for (struct client *cl = s->clients, *next; cl; cl = next) {
+        next = cl->next;
+        client_event(s->loop, cl->fd, EPOLLIN, cl);    /* may free cl */
     }
-    for (struct job *j = s->done, *next; j; j = next) {
-        next = j->next;
-        job_free(j);
-    }
+    flush_before_close(s);
     pthread_mutex_destroy(&s->jlock);
     pthread_cond_destroy(&s->jcond);
-    while (s->clients) {
-        client_flush(s->clients);
+    while (s->clients)
         client_free(s->clients);
-    }
     vd_loop_del_fd(s->loop, s->lfd);
     close(s->lfd);
     if (s->path)
@@ -605,20 +680,23 @@ void vd_control_close(struct vd_control *s)
 }
 
 
+static void broadcast_text(struct vd_control *s, const char *text)
+{
+    for (struct client *cl = s->clients, *next; cl; cl = next) {
+        next = cl->next;
+        if (client_queue(cl, text, strlen(text)) < 0 || client_flush(cl) < 0)
+            client_free(cl);
+    }
+}
+
 static void broadcast(void *opaque)
 {
     struct ev_job *j = opaque;
     pthread_mutex_lock(&srv_lock);
     struct vd_control *s = the_server;
     pthread_mutex_unlock(&srv_lock);
-    if (s == j->srv) {
-        struct client *cl = s->clients, *next;
-        for (; cl; cl = next) {
-            next = cl->next;
-            if (client_queue(cl, j->text, strlen(j->text)) < 0 || client_flush(cl) < 0)
-                client_free(cl);
-        }
-    }
+    if (s == j->srv)
+        broadcast_text(s, j->text);
     free(j->text);
     free(j);
 }
