@@ -402,8 +402,9 @@ static int job_queue(struct client *cl, json_t *req)
 }
 
 /* Blocking commands, one at a time, in the order they came; each reply goes
- * back to the loop (deliver). When the server closes (vd_control_close), the
- * thread starts nothing more: the commands still queued are answered there
+ * back to the loop (deliver). Once shutdown begins (vd_control_quiesce, or
+ * vd_control_close), the thread starts nothing more: the commands still
+ * queued are answered by vd_control_close
  * with a shutdown error at once, without running (the daemon's shutdown
  * removes every export anyway), and the one under way finishes and its
  * reply is sent before the clients are closed. */
@@ -623,6 +624,16 @@ static void flush_before_close(struct vd_control *s)
                 break;              /* gone */
         }
     }
+}
+
+void vd_control_quiesce(struct vd_control *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->jlock);
+    s->stopping = true;             /* cmd_thread ends after the job under way */
+    pthread_cond_signal(&s->jcond);
+    pthread_mutex_unlock(&s->jlock);
 }
 
 /* Every request gets exactly one reply, shutdown or not: the commands still

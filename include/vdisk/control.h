@@ -27,6 +27,10 @@ struct vd_control;
  * and removed by vd_control_close; or fd >= 0: an already listening one). */
 int  vd_control_open(struct vd_loop *loop, const char *path, int fd, struct vd_control **out);
 void vd_control_close(struct vd_control *c);
+/* Shutdown has begun: the command thread starts no further blocking
+ * command (the one under way finishes); vd_control_close answers those
+ * still queued with a shutdown error. Idempotent; c may be NULL. */
+void vd_control_quiesce(struct vd_control *c);
 /* Broadcast an event to every control client (thread-safe; data is
  * consumed, may be NULL). */
 void vd_control_event(const char *name, json_t *data);

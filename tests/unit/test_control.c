@@ -278,6 +278,64 @@ static void finished_reply_sent_at_close(void **state)
     close(p.fd);
 }
 
+/* Shutdown begins while a blocking command runs and another waits behind
+ * it: once quiesced, the command thread finishes the first and starts
+ * nothing more, even with the loop still running; close then answers the
+ * second with the shutdown error. */
+static bool hold2_open;
+static atomic_bool hold2_entered;
+
+static int cmd_hold2(json_t *args, json_t **ret)
+{
+    atomic_store(&hold2_entered, true);
+    pthread_mutex_lock(&gate_lock);
+    while (!hold2_open)
+        pthread_cond_wait(&gate_cond, &gate_lock);
+    pthread_mutex_unlock(&gate_lock);
+    return 0;
+}
+
+static void quiesce_starts_nothing_more(void **state)
+{
+    vd_control_register_blocking("test-hold2", cmd_hold2);
+    vd_control_register_blocking("test-count", cmd_count);
+    atomic_store(&counted, 0);
+    struct srv s;
+    srv_open(&s);
+    struct peer p[2] = { { .fd = connect_to(&s) }, { .fd = connect_to(&s) } };
+    greet(&s, p, 2);
+    send_str(p[0].fd, "{\"execute\":\"test-hold2\",\"id\":1}\n");
+    for (int i = 0; i < 500 && !atomic_load(&hold2_entered); i++)
+        vd_loop_run_once(s.loop, 10);
+    assert_true(atomic_load(&hold2_entered));
+    send_str(p[1].fd, "{\"execute\":\"test-count\",\"id\":2}\n");
+    run_loop(&s, 20);               /* queued behind test-hold2 */
+    vd_control_quiesce(s.ctl);
+    vd_control_quiesce(s.ctl);      /* twice: harmless */
+    pthread_mutex_lock(&gate_lock);
+    hold2_open = true;
+    pthread_cond_broadcast(&gate_cond);
+    pthread_mutex_unlock(&gate_lock);
+    run_loop(&s, 30);               /* 300 ms: time to start it, were it allowed */
+    assert_int_equal(atomic_load(&counted), 0);
+    srv_close(&s);
+    for (int i = 0; i < 2; i++)
+        while (!p[i].eof)
+            assert_true(peer_read(&p[i], 5000));
+    json_t *r0 = peer_replies(&p[0]), *r1 = peer_replies(&p[1]);
+    assert_int_equal(json_array_size(r0), 1);
+    assert_non_null(json_object_get(json_array_get(r0, 0), "return"));
+    assert_int_equal(json_array_size(r1), 1);
+    json_t *id = json_integer(2);
+    assert_shutdown_error(json_array_get(r1, 0), "test-count", id);
+    json_decref(id);
+    assert_int_equal(atomic_load(&counted), 0);
+    json_decref(r0);
+    json_decref(r1);
+    for (int i = 0; i < 2; i++)
+        close(p[i].fd);
+}
+
 /* No blocking command ever: a request the loop had not read yet is
  * answered with the shutdown error, then the connection closes. */
 static void close_without_command_thread(void **state)
@@ -305,6 +363,7 @@ int main(void)
         cmocka_unit_test(queued_commands_answered_at_close),
         cmocka_unit_test(finished_reply_sent_at_close),
         cmocka_unit_test(close_without_command_thread),
+        cmocka_unit_test(quiesce_starts_nothing_more),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

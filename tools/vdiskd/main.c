@@ -394,6 +394,8 @@ int main(int argc, char **argv)
     notify_ready();
 
     vd_loop_run(main_loop);
+    /* No queued control command starts from here on (close answers them). */
+    vd_control_quiesce(ctl);
 
     /* Shutdown. Further SIGINT/SIGTERM stay blocked: a Ctrl-C that reaches
      * both a wrapper script and vdiskd must not cut the drain short. */
