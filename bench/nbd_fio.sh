@@ -157,39 +157,26 @@ for j in randread randwrite seqread; do
     echo "| qcow2 O_DIRECT | $j ($(unit $j)) | $(val qcow2,vdiskd,$j) | $(val qcow2,qemu-nbd,$j) | - | $(ratio qcow2,vdiskd,$j qcow2,qemu-nbd,$j) | - |"
 done
 echo
+# cpu_table FIELD: a table of one per-request CPU figure (cpu or fcpu) by setup and server
+cpu_table() {
+    local f=$1 j
+    echo
+    echo "| setup | job | vdiskd | qemu-nbd | nbdkit |"
+    echo "|---|---|---|---|---|"
+    for j in randread randwrite seqread; do
+        row buf $j && echo "| buffered raw | $j | $($f buf,vdiskd,$j) | $($f buf,qemu-nbd,$j) | $($f buf,nbdkit,$j) |"
+    done
+    for j in randread randwrite seqread; do
+        row direct $j && echo "| O_DIRECT raw | $j | $($f direct,vdiskd,$j) | $($f direct,qemu-nbd,$j) | - |"
+    done
+    for j in randread randwrite seqread; do
+        row qcow2 $j && echo "| qcow2 O_DIRECT | $j | $($f qcow2,vdiskd,$j) | $($f qcow2,qemu-nbd,$j) | - |"
+    done
+    echo
+}
 echo "Server CPU time per request (µs; user+system of the server process, from /proc):"
-echo
-echo "| setup | job | vdiskd | qemu-nbd | nbdkit |"
-echo "|---|---|---|---|---|"
-for j in randread randwrite seqread; do
-    row buf $j || continue
-    echo "| buffered raw | $j | $(cpu buf,vdiskd,$j) | $(cpu buf,qemu-nbd,$j) | $(cpu buf,nbdkit,$j) |"
-done
-for j in randread randwrite seqread; do
-    row direct $j || continue
-    echo "| O_DIRECT raw | $j | $(cpu direct,vdiskd,$j) | $(cpu direct,qemu-nbd,$j) | - |"
-done
-for j in randread randwrite seqread; do
-    row qcow2 $j || continue
-    echo "| qcow2 O_DIRECT | $j | $(cpu qcow2,vdiskd,$j) | $(cpu qcow2,qemu-nbd,$j) | - |"
-done
-echo
+cpu_table cpu
 echo "Client CPU time per request (µs; fio's usr+sys as fio reports it; libnbd's poll, recv"
 echo "and send run in fio's job thread, so this is the client's cost of a request):"
-echo
-echo "| setup | job | vdiskd | qemu-nbd | nbdkit |"
-echo "|---|---|---|---|---|"
-for j in randread randwrite seqread; do
-    row buf $j || continue
-    echo "| buffered raw | $j | $(fcpu buf,vdiskd,$j) | $(fcpu buf,qemu-nbd,$j) | $(fcpu buf,nbdkit,$j) |"
-done
-for j in randread randwrite seqread; do
-    row direct $j || continue
-    echo "| O_DIRECT raw | $j | $(fcpu direct,vdiskd,$j) | $(fcpu direct,qemu-nbd,$j) | - |"
-done
-for j in randread randwrite seqread; do
-    row qcow2 $j || continue
-    echo "| qcow2 O_DIRECT | $j | $(fcpu qcow2,vdiskd,$j) | $(fcpu qcow2,qemu-nbd,$j) | - |"
-done
-echo
+cpu_table fcpu
 echo "load average at the start: $load_start, at the end: $(cut -d' ' -f1-3 /proc/loadavg)"
