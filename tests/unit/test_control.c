@@ -26,20 +26,51 @@
 #include "vdisk/control.h"
 #include "vdisk/loop.h"
 
+/* A blocking command held on the command thread until the test opens its
+ * gate; entered says it has started. */
+struct gate {
+    bool open;
+    atomic_bool entered;
+};
+
 static pthread_mutex_t gate_lock = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t gate_cond = PTHREAD_COND_INITIALIZER;
-static bool gate_open;
-static atomic_bool gate_entered;
-static atomic_int counted;          /* how many times test-count ran */
+static struct gate gate, hold, hold2;   /* one per test: commands stay registered */
+static atomic_int counted;              /* how many times test-count ran */
+
+static void gate_pass(struct gate *g)
+{
+    atomic_store(&g->entered, true);
+    pthread_mutex_lock(&gate_lock);
+    while (!g->open)
+        pthread_cond_wait(&gate_cond, &gate_lock);
+    pthread_mutex_unlock(&gate_lock);
+}
+
+static void gate_release(struct gate *g)
+{
+    pthread_mutex_lock(&gate_lock);
+    g->open = true;
+    pthread_cond_broadcast(&gate_cond);
+    pthread_mutex_unlock(&gate_lock);
+}
 
 static int cmd_gate(json_t *args, json_t **ret)
 {
-    atomic_store(&gate_entered, true);
-    pthread_mutex_lock(&gate_lock);
-    while (!gate_open)
-        pthread_cond_wait(&gate_cond, &gate_lock);
-    pthread_mutex_unlock(&gate_lock);
+    gate_pass(&gate);
     *ret = json_pack("{s:b}", "gated", 1);
+    return 0;
+}
+
+static int cmd_hold(json_t *args, json_t **ret)
+{
+    gate_pass(&hold);
+    return 0;
+}
+
+static int cmd_hold2(json_t *args, json_t **ret)
+{
+    gate_pass(&hold2);
     return 0;
 }
 
@@ -47,27 +78,6 @@ static int cmd_count(json_t *args, json_t **ret)
 {
     atomic_fetch_add(&counted, 1);
     return 0;
-}
-
-static bool hold_open;
-static atomic_bool hold_entered;
-
-static int cmd_hold(json_t *args, json_t **ret)
-{
-    atomic_store(&hold_entered, true);
-    pthread_mutex_lock(&gate_lock);
-    while (!hold_open)
-        pthread_cond_wait(&gate_cond, &gate_lock);
-    pthread_mutex_unlock(&gate_lock);
-    return 0;
-}
-
-static void open_gate(void)
-{
-    pthread_mutex_lock(&gate_lock);
-    gate_open = true;
-    pthread_cond_broadcast(&gate_cond);
-    pthread_mutex_unlock(&gate_lock);
 }
 
 struct srv {
@@ -153,6 +163,14 @@ static void run_loop(struct srv *s, int rounds)
         vd_loop_run_once(s->loop, 10);
 }
 
+/* Run the loop until the gated command g is under way. */
+static void run_until_entered(struct srv *s, struct gate *g)
+{
+    for (int i = 0; i < 500 && !atomic_load(&g->entered); i++)
+        vd_loop_run_once(s->loop, 10);
+    assert_true(atomic_load(&g->entered));
+}
+
 /* Run the loop until every peer has its greeting. */
 static void greet(struct srv *s, struct peer *ps, size_t n)
 {
@@ -191,7 +209,7 @@ static void *watch(void *opaque)
     for (int i = 0; i < 1000 && !strchr(w->p->buf, '\n') && !w->p->eof; i++)
         peer_read(w->p, 10);
     w->saw_reply_first = strchr(w->p->buf, '\n') != NULL;
-    open_gate();
+    gate_release(&gate);
     return NULL;
 }
 
@@ -205,9 +223,7 @@ static void queued_commands_answered_at_close(void **state)
     greet(&s, p, 3);
 
     send_str(p[0].fd, "{\"execute\":\"test-gate\",\"id\":1}\n");
-    for (int i = 0; i < 500 && !atomic_load(&gate_entered); i++)
-        vd_loop_run_once(s.loop, 10);
-    assert_true(atomic_load(&gate_entered));
+    run_until_entered(&s, &gate);
     send_str(p[1].fd, "{\"execute\":\"test-count\",\"id\":\"two\"}\n");
     /* a second request pipelined behind the first: read only at close */
     send_str(p[2].fd, "{\"execute\":\"test-count\",\"id\":3}\n{\"execute\":\"query-version\",\"id\":[4]}\n");
@@ -258,14 +274,9 @@ static void finished_reply_sent_at_close(void **state)
     struct peer p = { .fd = connect_to(&s) };
     greet(&s, &p, 1);
     send_str(p.fd, "{\"execute\":\"test-hold\",\"id\":9}\n");
-    for (int i = 0; i < 500 && !atomic_load(&hold_entered); i++)
-        vd_loop_run_once(s.loop, 10);
-    assert_true(atomic_load(&hold_entered));
+    run_until_entered(&s, &hold);
     /* the loop no longer runs: the reply the thread hands over now waits */
-    pthread_mutex_lock(&gate_lock);
-    hold_open = true;
-    pthread_cond_broadcast(&gate_cond);
-    pthread_mutex_unlock(&gate_lock);
+    gate_release(&hold);
     usleep(100 * 1000);
     srv_close(&s);
     while (!p.eof)
@@ -282,19 +293,6 @@ static void finished_reply_sent_at_close(void **state)
  * it: once quiesced, the command thread finishes the first and starts
  * nothing more, even with the loop still running; close then answers the
  * second with the shutdown error. */
-static bool hold2_open;
-static atomic_bool hold2_entered;
-
-static int cmd_hold2(json_t *args, json_t **ret)
-{
-    atomic_store(&hold2_entered, true);
-    pthread_mutex_lock(&gate_lock);
-    while (!hold2_open)
-        pthread_cond_wait(&gate_cond, &gate_lock);
-    pthread_mutex_unlock(&gate_lock);
-    return 0;
-}
-
 static void quiesce_starts_nothing_more(void **state)
 {
     vd_control_register_blocking("test-hold2", cmd_hold2);
@@ -305,17 +303,12 @@ static void quiesce_starts_nothing_more(void **state)
     struct peer p[2] = { { .fd = connect_to(&s) }, { .fd = connect_to(&s) } };
     greet(&s, p, 2);
     send_str(p[0].fd, "{\"execute\":\"test-hold2\",\"id\":1}\n");
-    for (int i = 0; i < 500 && !atomic_load(&hold2_entered); i++)
-        vd_loop_run_once(s.loop, 10);
-    assert_true(atomic_load(&hold2_entered));
+    run_until_entered(&s, &hold2);
     send_str(p[1].fd, "{\"execute\":\"test-count\",\"id\":2}\n");
     run_loop(&s, 20);               /* queued behind test-hold2 */
     vd_control_quiesce(s.ctl);
     vd_control_quiesce(s.ctl);      /* twice: harmless */
-    pthread_mutex_lock(&gate_lock);
-    hold2_open = true;
-    pthread_cond_broadcast(&gate_cond);
-    pthread_mutex_unlock(&gate_lock);
+    gate_release(&hold2);
     run_loop(&s, 30);               /* 300 ms: time to start it, were it allowed */
     assert_int_equal(atomic_load(&counted), 0);
     srv_close(&s);
